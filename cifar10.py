@@ -1,0 +1,374 @@
+"""CIFAR-10: find or fetch the official python release, load it safely, and feed it
+to Keras as tf.data pipelines with He et al.'s preprocessing and augmentation.
+
+    python cifar10.py --download [DIR]   # on a machine with network: fetch + extract
+                                         # (DIR default: $CIFAR10_DIR, else the Keras cache)
+    python cifar10.py --check [DIR]      # load, validate, print counts and sha256
+
+Where the data is looked for, in order: the `data_dir` argument (train.py's --data-dir),
+$CIFAR10_DIR, the Keras cache ($KERAS_HOME/datasets or ~/.keras/datasets). Each is a
+folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (extracted in place).
+Only the cache is ever downloaded into. Writes nothing but that folder's contents
+(the tarball, cifar-10-batches-py/, a .cifar10.lock file).
+
+TensorFlow is imported only by the dataset functions, so fetching and checking the
+data on a login node does not pay for (or need) it.
+"""
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+SIZE = 170498071  # bytes
+MD5 = "c58f30108f718f92721af3b95e74349a"
+TARBALL = "cifar-10-python.tar.gz"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+OFFICIAL_COUNTS = (50000, 10000)  # training, test images
+PAD = 4  # pixels of zero padding before the random 32x32 crop (He et al. 2015, 4.2)
+
+
+class SubsetWarning(UserWarning):
+    """load() found fewer images than the official release (a test fixture, a subset)."""
+
+
+# ---------------------------------------------------------------- where the data is
+
+def cache_dir():
+    """Keras' dataset cache: $KERAS_HOME/datasets, else ~/.keras/datasets."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "datasets"
+
+
+def locate(data_dir=None, download=True):
+    """The folder holding cifar-10-batches-py/, extracting or (cache only) downloading it."""
+    if data_dir is not None:
+        root, where = Path(data_dir), "the data_dir argument (--data-dir)"
+    elif os.environ.get("CIFAR10_DIR"):
+        root, where = Path(os.environ["CIFAR10_DIR"]), "$CIFAR10_DIR"
+    else:
+        root, where = cache_dir(), "the Keras cache ($KERAS_HOME/datasets or ~/.keras/datasets)"
+    if (root / FOLDER).is_dir():  # extraction is atomic, so a present folder is complete
+        return root
+    is_cache = data_dir is None and not os.environ.get("CIFAR10_DIR")
+    if not (root / TARBALL).is_file() and not (is_cache and download):
+        raise _not_found(root, where, "downloading is off" if is_cache else None)
+    # One process per folder fetches and extracts; the others wait, then find it done.
+    with _locked(root):
+        if not (root / FOLDER).is_dir():
+            if not (root / TARBALL).is_file():
+                try:
+                    _download(root, URL, SIZE, MD5)  # module globals read now: tests repoint them
+                except OSError as e:  # offline, DNS, HTTP error: say how to fix it
+                    raise _not_found(root, where, f"downloading {URL} failed: {e}") from e
+            extract(root / TARBALL, root)
+    return root
+
+
+def _not_found(root, where, why):
+    lines = [f"CIFAR-10 not found: no {FOLDER}/ or {TARBALL} in {root} ({where}).",
+             "Looked, in order, at: the data_dir argument, $CIFAR10_DIR, the Keras cache "
+             f"({cache_dir()}); the first one set is used."]
+    if why:
+        lines.append(f"The cache is filled automatically, but {why}.")
+    lines += ["Fix, one of:",
+              "  python cifar10.py --download          # on a machine with network (a login node):"
+              f" fills {cache_dir()}",
+              "  python cifar10.py --download DIR      # then run with --data-dir DIR or CIFAR10_DIR=DIR",
+              f"  or copy {TARBALL} ({URL}, md5 {MD5}) into {root}"]
+    return FileNotFoundError("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _locked(folder):
+    # flock, not a create-exclusive file: the kernel drops it if the holder dies.
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".cifar10.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def download(dest_dir, url=URL, size=SIZE, md5=MD5):
+    """Fetch url to dest_dir/cifar-10-python.tar.gz, checked against size and md5."""
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    return _download(dest_dir, url, size, md5)
+
+
+def _download(dest_dir, url, size, md5):
+    print(f"downloading {url} ({size / 1e6:.0f} MB) to {dest_dir}", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".cifar-10-python.", suffix=".part")
+    try:
+        digest, got = hashlib.md5(), 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            while chunk := resp.read(1 << 20):
+                got += len(chunk)
+                if got > size:
+                    break  # a wrong file: stop reading, the check below names it
+                digest.update(chunk)
+                out.write(chunk)
+        if got != size:
+            raise RuntimeError(f"download of {url} has the wrong size: {'more than ' if got > size else ''}"
+                               f"{got} bytes, expected {size}; nothing was kept in {dest_dir}")
+        if digest.hexdigest() != md5:
+            raise RuntimeError(f"download of {url} has the wrong md5 {digest.hexdigest()}, expected {md5} "
+                               f"(corrupted or tampered with); nothing was kept in {dest_dir}")
+        os.replace(tmp, dest_dir / TARBALL)  # atomic: a tarball that exists is a checked one
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return dest_dir / TARBALL
+
+
+def extract(tarball, root):
+    """Unpack tarball's cifar-10-batches-py/ into root, refusing anything unsafe."""
+    root = Path(root).resolve()
+    with tarfile.open(tarball, "r:*") as tar:
+        members = tar.getmembers()
+        for m in members:  # check everything before writing anything
+            _check_member(m, root, tarball)
+        # Unpack beside the target, then rename: an interrupted run leaves no half folder.
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".cifar-extract-"))
+        try:
+            tar.extractall(tmp, members=members, filter="data")
+            if not (tmp / FOLDER).is_dir():
+                raise ValueError(f"{tarball} holds no {FOLDER}/ folder: not the CIFAR-10 python release")
+            os.replace(tmp / FOLDER, root / FOLDER)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root / FOLDER
+
+
+def _check_member(m, root, tarball):
+    if not (m.isfile() or m.isdir()):
+        kind = "link" if (m.issym() or m.islnk()) else "device or special file"
+        raise ValueError(f"refusing to extract {tarball}: member {m.name!r} is a {kind}")
+    target = (root / m.name).resolve()
+    if os.path.isabs(m.name) or not target.is_relative_to(root):
+        raise ValueError(f"refusing to extract {tarball}: member {m.name!r} would land outside {root}")
+
+
+# ---------------------------------------------------------------- reading the files
+
+def _allowed_globals():
+    # The only globals a CIFAR-10 batch needs: numpy's array reconstruction, under
+    # numpy 1.x's name (the official files) and numpy 2.x's.
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    return {("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, ints and numpy arrays; refuses any other global."""
+
+    def find_class(self, module, name):
+        obj = _allowed_globals().get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"it names the global {module}.{name}, which is not allowed "
+                                         "(a CIFAR-10 batch needs only numpy arrays)")
+        return obj
+
+
+def read_batch(path):
+    """(data uint8 (k, 3072), labels int64 (k,)) of one batch file, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the folder is incomplete; delete "
+                                f"{path.parent} and fetch again (python cifar10.py --download)")
+    try:
+        with open(path, "rb") as f:
+            obj = _RestrictedUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid CIFAR-10 batch: {e}") from e
+    return _validate(obj, path)
+
+
+def _validate(obj, path):
+    def bad(what):
+        return ValueError(f"{path} is not a valid CIFAR-10 batch: {what}")
+    if not isinstance(obj, dict):
+        raise bad(f"expected a dict, got {type(obj).__name__}")
+    for key in (b"data", b"labels"):
+        if key not in obj:
+            raise bad(f"no {key!r} entry (keys: {sorted(obj)})")
+    data = obj[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise bad(f"b'data' should be a uint8 array, got {getattr(data, 'dtype', type(data).__name__)}")
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise bad(f"b'data' should have shape (k, 3072), got {data.shape}")
+    labels = np.asarray(obj[b"labels"])
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise bad(f"b'labels' should be a list of ints, got {labels.dtype} of shape {labels.shape}")
+    if len(labels) != len(data):
+        raise bad(f"{len(labels)} labels for {len(data)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise bad(f"labels should lie in 0..9, found {labels.min()}..{labels.max()}")
+    return data, labels.astype(np.int64)
+
+
+def load(data_dir=None, download=True):
+    """x_train uint8 (n,32,32,3), y_train int64 (n,), x_test, y_test."""
+    folder = locate(data_dir, download) / FOLDER
+    train = [read_batch(folder / name) for name in TRAIN_FILES]
+    x_test, y_test = read_batch(folder / TEST_FILE)
+    x_train = np.concatenate([d for d, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    if (len(x_train), len(x_test)) != OFFICIAL_COUNTS:
+        warnings.warn(SubsetWarning(
+            f"{folder} holds {len(x_train)} training and {len(x_test)} test images, not the official "
+            f"{OFFICIAL_COUNTS[0]} + {OFFICIAL_COUNTS[1]}: a subset or a test fixture"), stacklevel=2)
+    return _nhwc(x_train), y_train, _nhwc(x_test), y_test
+
+
+def _nhwc(data):
+    # The files store each image as R, G, B planes of 32x32, row-major.
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def checksum(*arrays):
+    """sha256 hex over the arrays' bytes, in order (provenance of a run's data)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def describe(x_train, y_train, x_test, y_test):
+    """What a run record should say about its data: counts, official or not, sha256."""
+    return {"train_images": int(len(x_train)), "test_images": int(len(x_test)),
+            "train_per_class": np.bincount(y_train, minlength=10).tolist(),
+            "official_counts": (len(x_train), len(x_test)) == OFFICIAL_COUNTS,
+            "sha256": checksum(x_train, y_train, x_test, y_test)}
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def balanced_subset(x, y, k):
+    """The first k/10 images of each class, kept in file order."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k % 10:
+        raise ValueError(f"--train-images must be a positive multiple of 10, got {k!r}")
+    per_class = k // 10
+    keep = []
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        if len(idx) < per_class:
+            raise ValueError(f"--train-images {k} needs {per_class} images of class {c}, "
+                             f"but there are only {len(idx)}")
+        keep.append(idx[:per_class])
+    keep = np.sort(np.concatenate(keep))
+    return x[keep], y[keep]
+
+
+def pixel_mean(x_uint8):
+    """float32 (32,32,3): the per-pixel mean of x/255 over the given images."""
+    if x_uint8.ndim != 4 or x_uint8.shape[1:] != (32, 32, 3) or not len(x_uint8):
+        raise ValueError(f"pixel_mean needs images of shape (n, 32, 32, 3), got {x_uint8.shape}")
+    # dtype=float64 accumulates without a float copy of the whole set (1.2 GB for 50k).
+    return (x_uint8.mean(axis=0, dtype=np.float64) / 255).astype(np.float32)
+
+
+def steps_per_epoch(n, batch_size):
+    return n // batch_size
+
+
+def epoch_order(n, seed, epoch):
+    """The epoch's image order: depends on (seed, epoch) only, so a resumed run sees it again."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_dataset(x, y, mean, batch_size, seed, epoch, skip_batches=0):
+    """One augmented epoch: (float32 (b,32,32,3), int32 (b,)) batches, reproducible."""
+    import tensorflow as tf
+    n, steps = len(x), steps_per_epoch(len(x), batch_size)
+    if batch_size < 1 or steps < 1:
+        raise ValueError(f"batch_size {batch_size} should be in 1..{n} (the number of images)")
+    if not 0 <= skip_batches <= steps:
+        raise ValueError(f"skip_batches {skip_batches} should be in 0..{steps} (batches per epoch)")
+    with tf.device("/CPU:0"):
+        order = tf.constant(epoch_order(n, seed, epoch))
+        # One draw per position in the epoch: crop row, crop column, flip = 9 * 9 * 2
+        # outcomes. Stateless, so batch size, skipping and parallelism cannot change them.
+        draw = tf.random.stateless_uniform([n], seed=[seed, epoch], minval=0, maxval=162, dtype=tf.int32)
+        images, labels = tf.constant(x), tf.constant(y, tf.int32)
+        mean = tf.constant(mean, tf.float32)
+    span = tf.range(32)
+
+    def batch(b):
+        pos = tf.range(b * batch_size, (b + 1) * batch_size)
+        idx, d = tf.gather(order, pos), tf.gather(draw, pos)
+        img = tf.cast(tf.gather(images, idx), tf.float32) / 255 - mean
+        img = tf.pad(img, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])  # zeros after centring
+        rows = (d // 18)[:, None] + span  # (b, 32): the crop's rows in the padded image
+        cols = (d // 2 % 9)[:, None] + span
+        cols = tf.where((d % 2 == 1)[:, None], tf.reverse(cols, [1]), cols)  # flip = read backwards
+        img = tf.gather(img, tf.cast(rows, tf.int64), axis=1, batch_dims=1)
+        img = tf.gather(img, tf.cast(cols, tf.int64), axis=2, batch_dims=1)
+        return img, tf.gather(labels, idx)
+
+    ds = tf.data.Dataset.range(skip_batches, steps)
+    ds = ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def test_dataset(x, y, mean, batch_size=1000):
+    """x/255 - mean, in file order, unaugmented, the last partial batch kept."""
+    import tensorflow as tf
+    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(batch_size)
+    mean = tf.constant(mean, tf.float32)
+    ds = ds.map(lambda img, lab: (tf.cast(img, tf.float32) / 255 - mean, lab),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------- command line
+
+def fetch(root):
+    """Download (if absent) and extract CIFAR-10 into root; what --download does."""
+    root = Path(root)
+    with _locked(root):
+        if not (root / FOLDER).is_dir():
+            if not (root / TARBALL).is_file():
+                _download(root, URL, SIZE, MD5)
+            extract(root / TARBALL, root)
+    return root
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--download", nargs="?", const="", metavar="DIR",
+                      help="fetch and extract into DIR (default: $CIFAR10_DIR, else the Keras cache)")
+    what.add_argument("--check", nargs="?", const="", metavar="DIR",
+                      help="load and validate the copy in DIR (default: where train.py looks)")
+    args = ap.parse_args(argv)
+    try:
+        if args.download is not None:
+            root = fetch(args.download or os.environ.get("CIFAR10_DIR") or cache_dir())
+            print(f"CIFAR-10 is in {root / FOLDER}")
+        else:
+            root = args.check or None
+        data = load(root, download=False)
+        for key, value in describe(*data).items():
+            print(f"{key}: {value}")
+    except (OSError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

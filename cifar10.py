@@ -291,6 +291,19 @@ def epoch_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def augmentation_draws(n, seed, epoch):
+    """(row, column, flip), int32 (n,) each: the crop's offset in the padded image and
+    the mirror bit for each position in the epoch."""
+    import tensorflow as tf
+    side = 2 * PAD + 1  # crop offsets 0..8
+    # One stateless draw per position, on the CPU wherever the caller runs: batch size,
+    # skip_batches and parallelism cannot change it, and neither can the device.
+    with tf.device("/CPU:0"):
+        d = tf.random.stateless_uniform([n], seed=[seed, epoch], minval=0, maxval=side * side * 2,
+                                        dtype=tf.int32)
+    return d // (2 * side), d // 2 % side, d % 2
+
+
 def train_dataset(x, y, mean, batch_size, seed, epoch, skip_batches=0):
     """One augmented epoch: (float32 (b,32,32,3), int32 (b,)) batches, reproducible."""
     import tensorflow as tf
@@ -299,25 +312,23 @@ def train_dataset(x, y, mean, batch_size, seed, epoch, skip_batches=0):
         raise ValueError(f"batch_size {batch_size} should be in 1..{n} (the number of images)")
     if not 0 <= skip_batches <= steps:
         raise ValueError(f"skip_batches {skip_batches} should be in 0..{steps} (batches per epoch)")
-    with tf.device("/CPU:0"):
+    rows, cols, flips = augmentation_draws(n, seed, epoch)
+    with tf.device("/CPU:0"):  # tf.data runs on the CPU: keep its inputs off the GPU
         order = tf.constant(epoch_order(n, seed, epoch))
-        # One draw per position in the epoch: crop row, crop column, flip = 9 * 9 * 2
-        # outcomes. Stateless, so batch size, skipping and parallelism cannot change them.
-        draw = tf.random.stateless_uniform([n], seed=[seed, epoch], minval=0, maxval=162, dtype=tf.int32)
         images, labels = tf.constant(x), tf.constant(y, tf.int32)
         mean = tf.constant(mean, tf.float32)
     span = tf.range(32)
 
     def batch(b):
         pos = tf.range(b * batch_size, (b + 1) * batch_size)
-        idx, d = tf.gather(order, pos), tf.gather(draw, pos)
+        idx = tf.gather(order, pos)
         img = tf.cast(tf.gather(images, idx), tf.float32) / 255 - mean
         img = tf.pad(img, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])  # zeros after centring
-        rows = (d // 18)[:, None] + span  # (b, 32): the crop's rows in the padded image
-        cols = (d // 2 % 9)[:, None] + span
-        cols = tf.where((d % 2 == 1)[:, None], tf.reverse(cols, [1]), cols)  # flip = read backwards
-        img = tf.gather(img, tf.cast(rows, tf.int64), axis=1, batch_dims=1)
-        img = tf.gather(img, tf.cast(cols, tf.int64), axis=2, batch_dims=1)
+        r = tf.gather(rows, pos)[:, None] + span  # (b, 32): the crop's rows in the padded image
+        c = tf.gather(cols, pos)[:, None] + span
+        c = tf.where(tf.gather(flips, pos)[:, None] == 1, tf.reverse(c, [1]), c)  # mirror = read backwards
+        img = tf.gather(img, r, axis=1, batch_dims=1)
+        img = tf.gather(img, c, axis=2, batch_dims=1)
         return img, tf.gather(labels, idx)
 
     ds = tf.data.Dataset.range(skip_batches, steps)

@@ -1,0 +1,603 @@
+"""ResNet-20 with BatchNorm or GroupNorm on CIFAR-10: one run of the sweep, resumable.
+
+    python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs)
+    python train.py --task 7                             # the 7th entry of the sweep grid
+    python train.py --grid [--profile quick]             # print the grid (train.sh reads it)
+    python train.py --profile quick                      # every grid entry at laptop scale,
+                                                         # then reproduce.py and plot.py
+
+A run NAME (e.g. gn_b32_s1) writes models/NAME.keras (the final model), models/NAME.json
+(its run record: configuration, per-epoch history, the paper's statistic, provenance) and
+logs/NAME/ (TensorBoard scalars). It checkpoints to models/checkpoints/ at every epoch end
+and, on SIGUSR1/SIGTERM, at the end of the current step, then exits with status 75;
+rerunning the same command resumes and ends with the same weights as an uninterrupted run.
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class StopOnSignal:
+    """SIGUSR1/SIGTERM ask the run to stop at the end of the current step (a context manager)."""
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = None
+
+    def handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        print(f"received {self.requested}: checkpointing at the end of the current step", flush=True)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":
+    # Installed before the slow imports below, so that a signal during start-up is not fatal.
+    _STOP = StopOnSignal().__enter__()
+
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import cifar10  # noqa: E402
+import layer  # noqa: E402  (registers GroupNormalization for loading)
+
+# ---------------------------------------------------------------------------
+# The recipe (Wu & He 2018, Sec. 6.1, on He et al. 2015, Sec. 4.2) and the sweep grid.
+# train.sh, the tests and the README read these; nothing copies them.
+EPOCHS = 100                # training epochs
+LR_PER_32 = 0.1             # learning rate for 32 images per worker, linear in N: 0.1 * N / 32
+LR_DROPS = (30, 60, 90)     # epochs (of EPOCHS) after which the learning rate is divided by 10;
+LR_DROP_FACTOR = 0.1        #   scaled proportionally when --epochs is not 100
+MOMENTUM = 0.9              # SGD momentum
+WEIGHT_DECAY = 1e-4         # on every weight, gamma and beta included (coupled, as in Caffe/Torch)
+GROUPS = 8                  # GN groups: half the smallest width (16 channels)
+BN_MOMENTUM = 0.9           # BN moving-average momentum (torch's 0.1 in Keras' convention)
+EPSILON = 1e-5              # BN and GN epsilon, as in the paper's implementation and torch
+EVAL_BATCH_SIZE = 1000      # evaluation batch (inference mode, so it does not change the result)
+IMAGES_PER_EXECUTION = 64   # images per compiled call: small batches run several steps per call
+
+NORMS = ("bn", "gn")
+BATCH_SIZES = (32, 16, 8, 4, 2)   # images per worker, Figure 1's x axis
+SEEDS = (1, 2, 3)                 # three seeds, so the figure can show the spread
+
+# A profile scales the whole experiment; "default" is the paper's scale.
+PROFILES = {
+    "default": dict(epochs=EPOCHS, train_images=None, test_images=None, seeds=SEEDS),
+    # Laptop scale: the whole grid (one seed) in about 20 minutes on 2 CPU cores.
+    "quick": dict(epochs=6, train_images=2000, test_images=2000, seeds=(1,)),
+}
+PREEMPTED = 75              # exit status after a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    norm: str = "gn"
+    batch_size: int = 32
+    seed: int = 1
+    epochs: int = EPOCHS
+    groups: int = GROUPS
+    workers: int = 1
+    train_images: int | None = None   # class-balanced subset of the training set; None = all
+    test_images: int | None = None    # class-balanced subset of the test set; None = all
+    profile: str = "default"
+
+    @property
+    def name(self):
+        workers = f"_w{self.workers}" if self.workers > 1 else ""
+        return f"{self.norm}_b{self.batch_size}{workers}_s{self.seed}"
+
+    @property
+    def lr(self):
+        return LR_PER_32 * self.batch_size / 32
+
+    @property
+    def lr_drops(self):
+        """Epoch boundaries of the schedule, scaled from LR_DROPS to self.epochs."""
+        return [max(1, round(d * self.epochs / EPOCHS)) for d in LR_DROPS]
+
+
+def grid(profile="default"):
+    """The sweep, seed-major: entries 0-9 are seed 1 (bn then gn, batch 32 to 2), and so on."""
+    p = PROFILES[profile]
+    return [Config(norm=n, batch_size=b, seed=s, epochs=p["epochs"], train_images=p["train_images"],
+                   test_images=p["test_images"], profile=profile)
+            for s in p["seeds"] for n in NORMS for b in BATCH_SIZES]
+
+
+# ---------------------------------------------------------------------------
+# The model: He et al. (2015) Section 4.2, conv -> norm -> ReLU.
+
+def _l2():
+    # Keras' L2(l) adds l * sum(w^2), whose gradient is 2 l w: half the decay gives decay * w.
+    return keras.regularizers.L2(WEIGHT_DECAY / 2)
+
+
+def _norm(norm, groups, zero_gamma, name):
+    gamma = "zeros" if zero_gamma else "ones"
+    if norm == "bn":
+        return keras.layers.BatchNormalization(
+            momentum=BN_MOMENTUM, epsilon=EPSILON, gamma_initializer=gamma,
+            gamma_regularizer=_l2(), beta_regularizer=_l2(), name=name)
+    return layer.GroupNormalization(
+        groups=groups, epsilon=EPSILON, gamma_initializer=gamma,
+        gamma_regularizer=_l2(), beta_regularizer=_l2(), name=name)
+
+
+def _conv(filters, kernel, strides, name):
+    return keras.layers.Conv2D(
+        filters, kernel, strides=strides, padding="same", use_bias=False,
+        kernel_initializer=_he(),
+        kernel_regularizer=_l2(), name=name)
+
+
+def _he():
+    # He et al.'s initialisation: N(0, 2 / fan_in), untruncated (Keras' HeNormal truncates).
+    return keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
+
+
+def _block(x, filters, strides, norm, groups, name):
+    """Basic block: conv-norm-ReLU-conv-norm, add the shortcut, ReLU."""
+    y = _conv(filters, 3, strides, f"{name}_conv1")(x)
+    y = _norm(norm, groups, False, f"{name}_norm1")(y)
+    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
+    y = _conv(filters, 3, 1, f"{name}_conv2")(y)
+    y = _norm(norm, groups, True, f"{name}_norm2")(y)   # gamma = 0: the block starts as identity
+    if strides != 1 or x.shape[-1] != filters:
+        x = _conv(filters, 1, strides, f"{name}_proj")(x)   # 1x1 projection where the shape changes
+        x = _norm(norm, groups, False, f"{name}_proj_norm")(x)
+    return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([x, y]))
+
+
+def check_groups(groups):
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or 16 % groups:
+        raise ValueError(f"groups should divide every stage's width (16, 32, 64), "
+                         f"i.e. be 1, 2, 4, 8 or 16; got {groups!r}")
+
+
+def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape=(32, 32, 3)):
+    """ResNet-(6n+2) for CIFAR: 3 stages of n basic blocks with 16, 32, 64 filters."""
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth should be 6n+2 (20, 32, 44, ...), got {depth!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm should be one of {NORMS}, got {norm!r}")
+    if norm == "gn":
+        check_groups(groups)
+    inputs = keras.Input(input_shape, name="image")
+    x = _conv(16, 3, 1, "stem_conv")(inputs)
+    x = keras.layers.ReLU(name="stem_relu")(_norm(norm, groups, False, "stem_norm")(x))
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range((depth - 2) // 6):
+            strides = 2 if stage > 0 and block == 0 else 1
+            x = _block(x, filters, strides, norm, groups, f"stage{stage + 1}_block{block + 1}")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(num_classes, kernel_initializer=_he(), kernel_regularizer=_l2(),
+                                 bias_regularizer=_l2(), name="logits")(x)
+    return keras.Model(inputs, outputs, name=f"resnet{depth}_{norm}")
+
+
+def build_resnet20(norm="bn", groups=GROUPS, **kwargs):
+    """ResNet-20 (0.27M parameters): the model of the sweep, uncompiled."""
+    return build_resnet(20, norm=norm, groups=groups, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Data and evaluation (reproduce.py evaluates with these same functions).
+
+@dataclass
+class Data:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: np.ndarray        # per-pixel mean of the training images used (He et al.)
+    checksum: str           # sha256 of the whole data set as read, before any subset
+    source: str
+    official: bool          # 50,000 + 10,000 images, as the official release
+
+
+def prepare_data(data_dir=None, train_images=None, test_images=None):
+    root = cifar10.locate(data_dir)
+    x_train, y_train, x_test, y_test = cifar10.load(root)
+    official = (len(y_train), len(y_test)) == (50000, 10000)
+    checksum = cifar10.checksum(x_train, y_train, x_test, y_test)
+    if train_images:
+        x_train, y_train = cifar10.balanced_subset(x_train, y_train, train_images)
+    if test_images:
+        x_test, y_test = cifar10.balanced_subset(x_test, y_test, test_images)
+    return Data(x_train, y_train, x_test, y_test, cifar10.pixel_mean(x_train), checksum,
+                str(root), official)
+
+
+def evaluate(model, data):
+    """(test loss, test error in %) on data's test images, inference mode, deterministic."""
+    ds = cifar10.test_dataset(data.x_test, data.y_test, data.mean, EVAL_BATCH_SIZE)
+    logits = np.asarray(model.predict(ds, verbose=0), np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    y = np.asarray(data.y_test)
+    loss = -log_p[np.arange(len(y)), y].mean()
+    return float(loss), float(100 * np.mean(logits.argmax(axis=1) != y))
+
+
+def compile_model(model, cfg, steps_per_epoch):
+    # Boundaries are in optimizer steps; the first step of epoch d already uses the new rate.
+    boundaries = [d * steps_per_epoch - 1 for d in cfg.lr_drops]
+    values = [cfg.lr * LR_DROP_FACTOR ** i for i in range(len(boundaries) + 1)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=MOMENTUM),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce"),
+                 keras.metrics.SparseCategoricalAccuracy(name="acc")],
+        steps_per_execution=max(1, IMAGES_PER_EXECUTION // (cfg.batch_size * cfg.workers)))
+    model.optimizer.build(model.trainable_variables)
+
+
+# ---------------------------------------------------------------------------
+# Files: every one written to a temporary name in the same folder, then renamed.
+
+class Paths:
+    def __init__(self, models_dir, logs_dir, name):
+        self.models, self.name = Path(models_dir), name
+        self.model = self.models / f"{name}.keras"
+        self.record = self.models / f"{name}.json"
+        self.checkpoint = self.models / "checkpoints" / f"{name}.npz"
+        self.logs = Path(logs_dir) / name
+
+
+def _atomic(path, write):
+    """Call write(tmp_path), then rename tmp_path onto path (same folder, so atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def save_checkpoint(paths, model, state):
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
+    arrays["state"] = np.array(json.dumps(state))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    _atomic(paths.checkpoint, write)
+
+
+def load_checkpoint(paths, model, cfg):
+    """Restore weights and optimizer state; return the saved state, or None without one."""
+    if not paths.checkpoint.exists():
+        return None
+    with np.load(paths.checkpoint) as z:
+        state = json.loads(str(z["state"]))
+        if state["config"] != asdict(cfg):
+            raise SystemExit(f"error: {paths.checkpoint} belongs to another configuration "
+                             f"({state['config']}); rerun with --force to start afresh")
+        model.set_weights([z[f"w{i}"] for i in range(len(model.weights))])
+        for i, v in enumerate(model.optimizer.variables):
+            v.assign(z[f"o{i}"])
+    return state
+
+
+def finished_record(paths, cfg):
+    """The run record if this run already finished with this configuration, else None."""
+    if not (paths.model.exists() and paths.record.exists()):
+        return None
+    record = json.loads(paths.record.read_text())
+    if record.get("config", {}).get("run") != asdict(cfg):
+        raise SystemExit(f"error: {paths.record} was trained with another configuration "
+                         f"({record.get('config', {}).get('run')}); use --force to retrain it, "
+                         f"or another --models-dir")
+    return record
+
+
+# ---------------------------------------------------------------------------
+# One run.
+
+class StepCallback(keras.callbacks.Callback):
+    """Counts steps within the epoch, shows a progress bar on a terminal, honours the stop flag."""
+
+    def __init__(self, stop, skip, total, progress):
+        super().__init__()
+        self.stop, self.skip, self.steps, self.total, self.logs = stop, skip, skip, total, {}
+        self.bar = keras.utils.Progbar(total, stateful_metrics=["ce", "acc"]) if progress else None
+        if self.bar and skip:
+            self.bar.update(skip)
+
+    def on_train_batch_end(self, batch, logs=None):
+        # With steps_per_execution > 1, batch is the last step of the call just made.
+        self.steps = min(self.total, self.skip + batch + 1)
+        self.logs = {k: float(v) for k, v in (logs or {}).items()}
+        if self.bar:
+            self.bar.update(self.steps, [(k, self.logs[k]) for k in ("ce", "acc") if k in self.logs])
+        if self.stop.requested:
+            self.model.stop_training = True
+
+
+def _merge(partial, steps, logs):
+    """Epoch-so-far training metrics, merging those saved before a mid-epoch stop."""
+    ce, acc = logs.get("ce", float("nan")), logs.get("acc", float("nan"))
+    if partial:
+        before = partial["steps"]
+        ce = (partial["ce"] * before + ce * (steps - before)) / steps
+        acc = (partial["acc"] * before + acc * (steps - before)) / steps
+    return {"steps": steps, "ce": ce, "acc": acc}
+
+
+def train_epoch(model, data, cfg, state, stop, progress):
+    """Train (the rest of) epoch state['epoch']; return True if it completed."""
+    batch = cfg.batch_size * cfg.workers
+    total = cifar10.steps_per_epoch(len(data.y_train), batch)
+    skip = state["step"]
+    ds = cifar10.train_dataset(data.x_train, data.y_train, data.mean, batch, cfg.seed,
+                               state["epoch"], skip_batches=skip)
+    callback = StepCallback(stop, skip, total, progress)
+    start = time.perf_counter()
+    model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+    seconds = time.perf_counter() - start
+    state["train_seconds"] += seconds
+    state["train_images"] += (callback.steps - skip) * batch
+    state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + seconds
+    state["partial"] = _merge(state["partial"], callback.steps, callback.logs)
+    state["step"] = callback.steps
+    return callback.steps >= total
+
+
+def _epoch_line(cfg, entry):
+    return (f"{cfg.name} epoch {entry['epoch']}/{cfg.epochs}  lr {entry['lr']:.4g}  "
+            f"train loss {entry['train_loss']:.3f} err {entry['train_error']:.2f}%  "
+            f"test loss {entry['test_loss']:.3f} err {entry['test_error']:.2f}%  "
+            f"{entry['seconds']:.1f}s  {entry['images_per_second']:.0f} img/s")
+
+
+def end_epoch(model, data, cfg, state, writer):
+    """Evaluate, append the epoch to the history, log it; the epoch is then complete."""
+    import tensorflow as tf
+    test_loss, test_error = evaluate(model, data)
+    steps = state["partial"]["steps"]
+    entry = {"epoch": state["epoch"] + 1,
+             "lr": cfg.lr * LR_DROP_FACTOR ** sum(state["epoch"] >= d for d in cfg.lr_drops),
+             "train_loss": state["partial"]["ce"], "train_error": 100 * (1 - state["partial"]["acc"]),
+             "test_loss": test_loss, "test_error": test_error,
+             "seconds": state.pop("epoch_seconds")}
+    entry["images_per_second"] = steps * cfg.batch_size * cfg.workers / max(entry["seconds"], 1e-9)
+    state["history"].append(entry)
+    state.update(epoch=state["epoch"] + 1, step=0, partial=None)
+    with writer.as_default(step=entry["epoch"]):
+        for key in ("train_loss", "train_error", "test_loss", "test_error", "lr", "images_per_second"):
+            tf.summary.scalar(key.replace("_", "/", 1) if key.startswith(("train", "test")) else key,
+                              entry[key])
+    writer.flush()
+    print(_epoch_line(cfg, entry), flush=True)
+
+
+def median_last5(history):
+    """The paper's statistic: median test error over the final 5 epochs (or all, if fewer)."""
+    return float(statistics.median(e["test_error"] for e in history[-5:]))
+
+
+def provenance():
+    repo = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    import tensorflow as tf
+    versions = {"python": platform.python_version(), "keras": keras.__version__,
+                "backend": keras.backend.backend(), "tensorflow": tf.__version__,
+                "numpy": np.__version__}
+    return {"git_commit": commit, "versions": versions, "host": platform.node()}
+
+
+def finish(paths, model, data, cfg, state):
+    test_loss, test_error = evaluate(model, data)
+    record = {
+        "name": cfg.name, "status": "finished",
+        "config": {"run": asdict(cfg), "lr": cfg.lr, "lr_drops": cfg.lr_drops,
+                   "lr_drop_factor": LR_DROP_FACTOR, "momentum": MOMENTUM,
+                   "weight_decay": WEIGHT_DECAY, "bn_momentum": BN_MOMENTUM, "epsilon": EPSILON,
+                   "norm": cfg.norm, "groups": cfg.groups, "batch_size": cfg.batch_size,
+                   "workers": cfg.workers, "seed": cfg.seed, "epochs": cfg.epochs,
+                   "profile": cfg.profile, "train_images": len(data.y_train),
+                   "test_images": len(data.y_test)},
+        "history": state["history"],
+        "test_error": test_error, "test_loss": test_loss,
+        "median_last5_error": median_last5(state["history"]),
+        "params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "wall_seconds": state["wall_seconds"],
+        "images_per_second": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "data": {"checksum": data.checksum, "source": data.source, "official": data.official,
+                 "train_images": len(data.y_train), "test_images": len(data.y_test)},
+        "resumed": state["resumed"],
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **provenance(),
+    }
+    _atomic(paths.model, lambda tmp: model.save(tmp))
+    write_json(paths.record, record)
+    paths.checkpoint.unlink(missing_ok=True)
+    print(f"{cfg.name}: test error {test_error:.2f}% (median of the final 5 epochs "
+          f"{record['median_last5_error']:.2f}%), saved {paths.model} and {paths.record}", flush=True)
+    return record
+
+
+def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False, progress=None,
+          stop=None):
+    """Run (or resume) one configuration; return the process exit status (0, or PREEMPTED)."""
+    paths = Paths(models_dir, logs_dir, cfg.name)
+    if not force and finished_record(paths, cfg):
+        print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
+        return 0
+    progress = sys.stdout.isatty() if progress is None else progress
+    if stop is None:
+        with StopOnSignal() as stop:
+            return _train(cfg, paths, data_dir, force, progress, stop)
+    return _train(cfg, paths, data_dir, force, progress, stop)
+
+
+def _train(cfg, paths, data_dir, force, progress, stop):
+    import tensorflow as tf
+    keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()
+    data = prepare_data(data_dir, cfg.train_images, cfg.test_images)
+    steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
+    model = build_resnet20(cfg.norm, cfg.groups)
+    compile_model(model, cfg, steps)
+    if force:
+        paths.checkpoint.unlink(missing_ok=True)
+    state = load_checkpoint(paths, model, cfg)
+    if state:
+        state["resumed"] += 1
+        print(f"{cfg.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']} "
+              f"from {paths.checkpoint}", flush=True)
+    else:
+        state = {"config": asdict(cfg), "epoch": 0, "step": 0, "partial": None, "history": [],
+                 "train_seconds": 0.0, "train_images": 0, "wall_seconds": 0.0, "resumed": 0}
+    writer = tf.summary.create_file_writer(str(paths.logs))
+    while state["epoch"] < cfg.epochs:
+        start = time.perf_counter()
+        done = not stop.requested and train_epoch(model, data, cfg, state, stop, progress)
+        if done:
+            end_epoch(model, data, cfg, state, writer)
+        state["wall_seconds"] += time.perf_counter() - start
+        save_checkpoint(paths, model, state)
+        if stop.requested:
+            print(f"{cfg.name}: checkpointed at epoch {state['epoch'] + 1}, step {state['step']} "
+                  f"({paths.checkpoint}); exiting with status {PREEMPTED}", flush=True)
+            return PREEMPTED
+    finish(paths, model, data, cfg, state)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:8]))
+    what = p.add_argument_group("what to run")
+    what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
+    what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
+    what.add_argument("--profile", choices=sorted(PROFILES),
+                      help="scale of the experiment; alone, runs its whole grid, then reproduce.py "
+                           "and plot.py (default profile: the paper's scale)")
+    run = p.add_argument_group("one run (override the profile's or the grid entry's settings)")
+    run.add_argument("--norm", choices=NORMS)
+    run.add_argument("--batch-size", type=int, help="images per worker, N")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--epochs", type=int, help=f"training epochs (default {EPOCHS})")
+    run.add_argument("--groups", type=int, help=f"GroupNorm groups (default {GROUPS})")
+    run.add_argument("--train-images", type=int, help="class-balanced subset of K training images")
+    run.add_argument("--test-images", type=int, help="class-balanced subset of the test images")
+    io = p.add_argument_group("files")
+    io.add_argument("--data-dir", help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz "
+                                       "(default: $CIFAR10_DIR, else the Keras cache, downloading)")
+    io.add_argument("--models-dir", default="models")
+    io.add_argument("--logs-dir", default="logs")
+    io.add_argument("--results", default="results.csv", help="(whole profile) results file")
+    io.add_argument("--plot", default="plot.png", help="(whole profile) figure file")
+    p.add_argument("--force", action="store_true", help="retrain a finished run, drop a checkpoint")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "epochs", "groups", "train_images", "test_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    return p, args
+
+
+def resolve(p, args):
+    """The Config that the arguments ask for: grid entry or profile defaults, then overrides."""
+    profile = args.profile or "default"
+    entries = grid(profile)
+    if args.task is not None:
+        if not 0 <= args.task < len(entries):
+            p.error(f"--task {args.task} is outside the {profile} grid (0-{len(entries) - 1}); "
+                    f"see python train.py --grid --profile {profile}")
+        cfg = entries[args.task]
+    else:
+        if args.norm is None or args.batch_size is None:
+            p.error("give --norm and --batch-size (and --seed), or --task I, or --profile alone")
+        cfg = replace(entries[0], seed=PROFILES[profile]["seeds"][0])
+    overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "seed", "epochs", "groups",
+                                               "train_images", "test_images")
+                 if getattr(args, k) is not None}
+    cfg = replace(cfg, **overrides)
+    try:
+        check_groups(cfg.groups)
+    except ValueError as e:
+        p.error(f"--groups: {e}")
+    return cfg
+
+
+def print_grid(profile):
+    entries = grid(profile)
+    print(f"# {len(entries)} runs, profile {profile} "
+          f"({len(PROFILES[profile]['seeds'])} seeds x {len(NORMS)} norms x {len(BATCH_SIZES)} batch sizes)")
+    for i, c in enumerate(entries):
+        print(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} --seed {c.seed}")
+
+
+def run_profile(args, stop=None):
+    """Every grid entry of the profile, then reproduce.py and plot.py (the main job)."""
+    start = time.perf_counter()
+    for cfg in grid(args.profile):
+        code = train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop)
+        if code:
+            return code
+    here = Path(__file__).resolve().parent
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    for cmd in ([here / "reproduce.py", "--models-dir", args.models_dir, "--out", args.results, *data],
+                [here / "plot.py", "--results", args.results, "--out", args.plot]):
+        code = subprocess.run([sys.executable, *map(str, cmd)]).returncode
+        if code:
+            return code
+    print(f"profile {args.profile}: done in {(time.perf_counter() - start) / 60:.1f} min: "
+          f"{args.results}, {args.plot}", flush=True)
+    return 0
+
+
+def main(argv=None, stop=None):
+    p, args = parse_args(argv)
+    if args.grid:
+        print_grid(args.profile or "default")
+        return 0
+    singles = ("task", "norm", "batch_size", "seed")
+    if args.profile and all(getattr(args, k) is None for k in singles):
+        return run_profile(args, stop)
+    cfg = resolve(p, args)
+    return train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main(stop=_STOP))

@@ -137,7 +137,7 @@ def _download(dest_dir, url, size, md5):
 def extract(tarball, root):
     """Unpack tarball's cifar-10-batches-py/ into root, refusing anything unsafe."""
     root = Path(root).resolve()
-    with tarfile.open(tarball, "r:*") as tar:
+    with _open_tar(tarball) as tar:
         members = tar.getmembers()
         for m in members:  # check everything before writing anything
             _check_member(m, root, tarball)
@@ -151,6 +151,19 @@ def extract(tarball, root):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root / FOLDER
+
+
+def _open_tar(tarball):
+    tar = None
+    try:
+        tar = tarfile.open(tarball, "r:*")
+        tar.getmembers()  # reads the whole archive: a truncated file fails here
+        return tar
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if tar is not None:
+            tar.close()
+        raise ValueError(f"{tarball} is not a readable tar.gz ({e}): delete it and fetch it again "
+                         "(python cifar10.py --download)") from e
 
 
 def _check_member(m, root, tarball):

@@ -247,6 +247,13 @@ def test_tarball_without_the_folder_is_refused(tmp_path):
     assert files_under(tmp_path) == [".cifar10.lock", cifar10.TARBALL]
 
 
+def test_truncated_tarball_is_a_clear_error(tmp_path, tarball):
+    (tmp_path / cifar10.TARBALL).write_bytes(tarball.data[:5000])
+    with pytest.raises(ValueError, match="not a readable tar.gz"):
+        cifar10.locate(tmp_path)
+    assert not (tmp_path / cifar10.FOLDER).exists()
+
+
 # ---------------------------------------------------------------- restricted unpickler
 
 @pytest.mark.parametrize("module, name", [("os", "system"), ("builtins", "eval"),
@@ -273,11 +280,12 @@ def py2_style(data):
 
 
 @pytest.mark.parametrize("style", ["fixture", "numpy2", "python2"])
-def test_unpickler_loads_official_style_files(tmp_path, style, cifar_dir):
+def test_unpickler_loads_official_style_files(tmp_path, style):
     obj = fixture_dict("data_batch_4")
     raw = {"fixture": dumps(obj), "numpy2": pickle.dumps(obj, protocol=4),
            "python2": py2_style(dumps(obj))}[style]
-    data, labels = cifar10.read_batch(with_batch(tmp_path, "data_batch_4", raw) / cifar10.FOLDER / "data_batch_4")
+    path = with_batch(tmp_path, "data_batch_4", raw) / cifar10.FOLDER / "data_batch_4"
+    data, labels = cifar10.read_batch(path)
     np.testing.assert_array_equal(data, obj[b"data"])
     np.testing.assert_array_equal(labels, obj[b"labels"])
     assert labels.dtype == np.int64

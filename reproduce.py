@@ -1,0 +1,238 @@
+"""Evaluate every trained model under models/ on the CIFAR-10 test set into results.csv.
+
+    python reproduce.py [--models-dir models] [--out results.csv] [--data-dir DIR]
+
+For each models/NAME.keras (models/checkpoints/ is ignored) it reads the run record
+models/NAME.json beside it, loads the model with safe_mode=True, prepares the same
+data the run used (train.prepare_data: the normalisation mean depends on the
+training subset) and evaluates it with train.evaluate, the very function the run
+used for its own final evaluation, so the test error is the run's.
+
+results.csv has one row per model, sorted by norm, batch size (descending), seed:
+
+    norm, groups, batch_size, workers, seed, epochs, test_error, test_loss,
+    median_last5_error, params, model,                      <- required (errors in %)
+    train_images, test_images, profile, data_source, data_checksum, git_commit, date
+
+median_last5_error is the paper's statistic (median test error of the final 5
+epochs), taken from the run's history; the last columns are provenance from the
+run record (date: the day the run finished). The file is written
+atomically. A model that cannot be read, or has no run record, is named, the others
+are still evaluated, the bad ones are listed at the end and the exit status is 1.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import layer  # noqa: E402,F401  (registers GroupNormalization for loading)
+import train  # noqa: E402
+
+COLUMNS = ["norm", "groups", "batch_size", "workers", "seed", "epochs", "test_error",
+           "test_loss", "median_last5_error", "params", "model"]
+PROVENANCE = ["train_images", "test_images", "profile", "data_source", "data_checksum",
+              "git_commit", "date"]
+CONFIG_KEYS = ["norm", "groups", "batch_size", "workers", "seed", "epochs"]
+DISAGREE = 0.05   # percentage points: warn if the reproduced error differs more from the record's
+
+
+class RunError(Exception):
+    """A model or its run record cannot be used; the message names the file."""
+
+
+class DataError(Exception):
+    """CIFAR-10 cannot be found or read: no model can be evaluated."""
+
+
+def find_models(models_dir):
+    """The final models models_dir/NAME.keras, sorted (not the checkpoints/ subfolder)."""
+    return sorted(p for p in Path(models_dir).glob("*.keras") if p.is_file())
+
+
+def read_record(model_path):
+    """The run record NAME.json beside NAME.keras, checked for what results.csv needs."""
+    path = Path(model_path).with_suffix(".json")
+    if not path.is_file():
+        raise RunError(f"{model_path}: no run record {path.name} beside it "
+                       f"(was the run interrupted, or the file copied without it?)")
+    try:
+        record = json.loads(path.read_text())
+        config = record["config"]
+        missing = [k for k in CONFIG_KEYS if k not in config]
+        errors = [float(h["test_error"]) for h in record["history"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: not a readable run record ({type(e).__name__}: {e})")
+    if missing:
+        raise RunError(f"{path}: the run record's config lacks {', '.join(missing)}")
+    if record.get("status") != "finished":
+        raise RunError(f"{path}: the run record's status is {record.get('status')!r}, "
+                       f"not 'finished'")
+    if not errors:
+        raise RunError(f"{path}: the run record has no per-epoch history")
+    return record
+
+
+def median_last5(history):
+    """The paper's statistic: median test error (%) of the final 5 epochs (all if fewer)."""
+    return statistics.median(float(h["test_error"]) for h in history[-5:])
+
+
+def load_model(path):
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:  # Keras raises many kinds (ValueError, OSError, zipfile errors...)
+        raise RunError(f"{path}: cannot load the model ({type(e).__name__}: {e})")
+
+
+def count_params(model):
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+class DataCache:
+    """train.prepare_data once per distinct (train_images, test_images) of the runs."""
+
+    def __init__(self, data_dir):
+        self.data_dir, self.cache = data_dir, {}
+
+    def get(self, config):
+        """The run's Data; raises DataError if CIFAR-10 cannot be found or read."""
+        # config["run"] holds the arguments the run gave prepare_data (None = all images);
+        # the top-level counts are what they resolved to.
+        run = config.get("run") or config
+        key = (run.get("train_images"), run.get("test_images"))
+        if key not in self.cache:
+            try:
+                self.cache[key] = train.prepare_data(self.data_dir, train_images=key[0],
+                                                     test_images=key[1])
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot prepare the test data (--data-dir "
+                                f"{self.data_dir or 'default'}): {e}") from e
+        return self.cache[key]
+
+
+def make_row(record, model_path, test_loss, test_error, params):
+    """One row of results.csv: the required columns, then provenance."""
+    config, data = record["config"], record.get("data") or {}
+    row = {k: config[k] for k in CONFIG_KEYS}
+    row.update(norm=str(config["norm"]).lower(), test_error=float(test_error),
+               test_loss=float(test_loss), median_last5_error=median_last5(record["history"]),
+               params=int(params), model=str(model_path))
+    row.update(train_images=data.get("train_images", config.get("train_images")),
+               test_images=data.get("test_images", config.get("test_images")),
+               profile=config.get("profile", ""), data_source=data.get("source", ""),
+               data_checksum=data.get("checksum", ""), git_commit=record.get("git_commit", ""),
+               date=run_date(record, model_path))
+    return row
+
+
+def run_date(record, model_path):
+    """YYYY-MM-DD the run finished (its record's finished_at, else the model file's date)."""
+    finished = str(record.get("finished_at", ""))
+    if len(finished) >= 10:
+        return finished[:10]
+    mtime = Path(model_path).stat().st_mtime
+    return datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def check_agreement(record, model_path, data, test_error, params):
+    """Warn (stderr) where the reproduction and the run record disagree."""
+    recorded = (record.get("data") or {}).get("checksum")
+    if recorded and recorded != data.checksum:
+        warn(f"{model_path}: the data's checksum {data.checksum} differs from the run "
+             f"record's {recorded}: evaluated on different data than the run used")
+    if "test_error" in record and abs(record["test_error"] - test_error) > DISAGREE:
+        warn(f"{model_path}: test error {test_error:.2f}% differs from the run "
+             f"record's {record['test_error']:.2f}%")
+    if "params" in record and record["params"] != params:
+        warn(f"{model_path}: {params} trainable parameters, the run record says "
+             f"{record['params']}")
+
+
+def evaluate_one(model_path, cache):
+    """results.csv's row for one model; raises RunError naming the file if it cannot."""
+    record = read_record(model_path)
+    model = load_model(model_path)
+    data = cache.get(record["config"])
+    test_loss, test_error = train.evaluate(model, data)
+    params = count_params(model)
+    check_agreement(record, model_path, data, test_error, params)
+    return make_row(record, model_path, test_loss, test_error, params)
+
+
+def results_table(rows):
+    """The rows as results.csv's table: required columns first, sorted."""
+    df = pd.DataFrame(rows, columns=COLUMNS + PROVENANCE)
+    return df.sort_values(["norm", "batch_size", "seed", "workers", "groups"],
+                          ascending=[True, False, True, True, True], ignore_index=True)
+
+
+def write_csv(df, out):
+    """Write to a temporary file beside out, then os.replace it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".csv.tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)   # full precision: test_error must equal the run's
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def warn(message):
+    print(f"reproduce.py: warning: {message}", file=sys.stderr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models-dir", default="models", help="where train.py wrote NAME.keras")
+    p.add_argument("--out", default="results.csv", help="the CSV to write")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-10 folder, as for train.py (default: train.py's default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = find_models(args.models_dir)
+    if not paths:
+        where = "does not exist" if not Path(args.models_dir).is_dir() else "has no models"
+        print(f"reproduce.py: {args.models_dir} {where} (NAME.keras). Train some first: "
+              f"`python train.py --profile quick` (the whole grid at laptop scale) or "
+              f"`python train.py --norm gn --batch-size 32 --seed 1` (one run).", file=sys.stderr)
+        return 1
+    cache, rows, bad = DataCache(args.data_dir), [], []
+    for i, path in enumerate(paths, 1):
+        try:
+            rows.append(evaluate_one(path, cache))
+            print(f"[{i}/{len(paths)}] {path}: test error {rows[-1]['test_error']:.2f}%")
+        except RunError as e:
+            print(f"reproduce.py: error: {e}", file=sys.stderr)
+            bad.append(path)
+        except DataError as e:
+            print(f"reproduce.py: error: {e}\nnothing written", file=sys.stderr)
+            return 2
+        keras.backend.clear_session()   # free each model's graph before the next
+    if rows:
+        write_csv(results_table(rows), args.out)
+        print(f"wrote {args.out}: {len(rows)} model(s)")
+    if bad:
+        print(f"reproduce.py: {len(bad)} of {len(paths)} model(s) could not be evaluated "
+              f"(not in {args.out}):\n" + "\n".join(f"  {p}" for p in bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

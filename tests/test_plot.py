@@ -1,0 +1,245 @@
+"""plot.py on hand-made results.csv files and run records (no training needed):
+the aggregation the figure shows, the figure's axes and provenance, the PNGs, and
+every error message a user can trigger."""
+import json
+import struct
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+import plot
+
+# bn/gn x batch sizes, with 3 seeds at 32, 2 at 8 and 1 at 2 (std band, min-max, none).
+SEEDS = {32: (1, 2, 3), 8: (1, 2), 2: (1,)}
+PROVENANCE = dict(train_images=5000, test_images=10000, profile="quick", data_source="cifar10",
+                  data_checksum="c0ffee", git_commit="0123456789abcdef", date="2026-11-26")
+
+
+def results(**overrides):
+    rows = []
+    for norm in ("bn", "gn"):
+        for bs, seeds in SEEDS.items():
+            for seed in seeds:
+                err = (30 if norm == "bn" else 20) + 32 / bs + seed
+                rows.append(dict(norm=norm, groups=8 if norm == "gn" else 0, batch_size=bs,
+                                 workers=1, seed=seed, epochs=8, test_error=err + 0.5,
+                                 test_loss=1.0, median_last5_error=err, params=272474,
+                                 model=f"models/{norm}_b{bs}_s{seed}.keras", **PROVENANCE))
+    return pd.DataFrame(rows).assign(**overrides)
+
+
+@pytest.fixture
+def csv(tmp_path):
+    path = tmp_path / "results.csv"
+    results().to_csv(path, index=False)
+    return path
+
+
+def png_size(path):
+    """(width, height) from the PNG header."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+# ------------------------------------------------------------------ aggregation
+
+def test_aggregate_is_the_mean_and_spread_of_the_csv(csv):
+    df = pd.read_csv(csv)
+    agg = plot.aggregate(plot.read_results(csv)).set_index(["norm", "batch_size"])
+    assert len(agg) == 6
+    for (norm, bs), g in df.groupby(["norm", "batch_size"]):
+        x = g.median_last5_error.to_numpy()
+        row = agg.loc[(norm, bs)]
+        assert row.n == len(x)
+        assert row["mean"] == pytest.approx(x.mean())
+        if len(x) >= 3:
+            assert row.spread == "std"
+            assert row.low == pytest.approx(x.mean() - x.std(ddof=1))
+            assert row.high == pytest.approx(x.mean() + x.std(ddof=1))
+        else:
+            assert row.spread == "min-max"
+            assert (row.low, row.high) == (pytest.approx(x.min()), pytest.approx(x.max()))
+
+
+def test_aggregate_of_final_test_error(csv):
+    agg = plot.aggregate(plot.read_results(csv, "test_error"), "test_error")
+    assert agg.set_index(["norm", "batch_size"]).loc[("gn", 2), "mean"] == pytest.approx(37.5)
+
+
+def test_gaps_are_bn_minus_gn():
+    agg = plot.aggregate(results())
+    assert plot.gaps(agg) == {32: pytest.approx(10), 8: pytest.approx(10), 2: pytest.approx(10)}
+
+
+def test_no_gap_without_a_single_bn_and_gn_line():
+    df = results()
+    df.loc[(df.norm == "gn") & (df.seed == 2), "groups"] = 4   # two GN lines: G=4, G=8
+    agg = plot.aggregate(df)
+    assert set(agg.series) == {"BN", "GN (G=4)", "GN (G=8)"}
+    assert plot.gaps(agg) == {}
+
+
+def test_workers_named_only_when_they_vary():
+    df = results()
+    assert set(plot.aggregate(df).series) == {"BN", "GN"}
+    df.loc[df.seed == 1, "workers"] = 8
+    assert "BN, 8 workers" in set(plot.aggregate(df).series)
+
+
+def test_paper_panel_is_table_2():
+    agg = plot.aggregate(plot.paper_results()).set_index(["norm", "batch_size"])["mean"]
+    assert [agg[("bn", b)] for b in (32, 16, 8, 4, 2)] == [23.6, 23.7, 24.8, 27.3, 34.7]
+    assert [agg[("gn", b)] for b in (32, 16, 8, 4, 2)] == [24.1, 24.2, 24.0, 24.2, 24.1]
+    assert plot.gaps(plot.aggregate(plot.paper_results()))[2] == pytest.approx(10.6)
+
+
+# ------------------------------------------------------------------ the drawing
+
+def test_plotted_lines_are_the_csv_means_on_a_reversed_log2_axis(csv):
+    df = plot.read_results(csv)
+    fig, ax = plt.subplots()
+    plot.draw_panel(ax, plot.aggregate(df), "t", "y")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for norm, name in (("bn", "BN"), ("gn", "GN")):
+        means = df[df.norm == norm].groupby("batch_size").median_last5_error.mean()
+        x, y = lines[name].get_data()
+        assert dict(zip(x, y)) == pytest.approx(means.to_dict())
+    left, right = ax.get_xlim()
+    assert left > 32 and right < 2                      # 32 on the left, 2 on the right
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32", "16", "8", "4", "2"]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts.count("+10.0") == 3 and "BN \u2212 GN" in texts
+    plt.close(fig)
+
+
+def test_provenance_line():
+    text = plot.provenance(results(), label="CIFAR-10 (JPEG copy)")
+    assert text == ("CIFAR-10 (JPEG copy), 5,000 training images, 10,000 test images, 8 epochs, "
+                    "quick profile, 1-3 seeds per point, 2026-11-26, data sha256 c0ffee, "
+                    "commit 0123456")
+    mixed = results(epochs=[8, 30] * 6, git_commit=["abcdef12-dirty"] * 11 + [""],
+                    date=["2026-11-25"] * 6 + ["2026-11-27"] * 6)
+    assert plot.provenance(mixed).endswith("8-30 epochs, quick profile, 1-3 seeds per point, "
+                                           "2026-11-25 to 2026-11-27, data sha256 c0ffee, "
+                                           "commit abcdef1-dirty")
+
+
+def test_provenance_without_optional_columns():
+    df = results().drop(columns=list(PROVENANCE))
+    assert plot.provenance(df) == "8 epochs, 1-3 seeds per point"
+
+
+def test_cli_writes_the_figure(csv, tmp_path, capsys):
+    out = tmp_path / "fig" / "plot.png"
+    assert plot.main(["--results", str(csv), "--out", str(out), "--label", "tiny"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert png_size(out) == (1500, 645)                 # 10 x 4.3 inches at 150 dpi
+    assert out.stat().st_size > 20_000
+    assert [p.name for p in out.parent.iterdir()] == ["plot.png"]   # no temporary left
+
+
+def test_cli_replaces_an_existing_figure(csv, tmp_path):
+    out = tmp_path / "plot.png"
+    out.write_bytes(b"old")
+    assert plot.main(["--results", str(csv), "--out", str(out)]) == 0
+    assert png_size(out)[0] == 1500
+
+
+# ------------------------------------------------------------------ results.csv errors
+
+def write(tmp_path, text):
+    path = tmp_path / "results.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "absent.csv", "no such file"),
+    (lambda p: write(p, ""), "the file is empty"),
+    (lambda p: write(p, ",".join(results().columns) + "\n"), "no rows, only the header"),
+    (lambda p: write(p, results().drop(columns=["seed", "epochs"]).to_csv(index=False)),
+     "missing column(s) seed, epochs"),
+    (lambda p: write(p, results().astype({"test_error": object})
+                     .assign(test_error=["oops"] + [1.0] * 11).to_csv(index=False)),
+     "column 'test_error' has a non-numeric value 'oops' on line 2"),
+    (lambda p: write(p, results().astype({"median_last5_error": object})
+                     .assign(median_last5_error=[1.0] * 4 + [""] + [1.0] * 7)
+                     .to_csv(index=False)),
+     "column 'median_last5_error' has a non-numeric value '' on line 6"),
+    (lambda p: write(p, results().assign(batch_size=0).to_csv(index=False)),
+     "column 'batch_size' must be positive"),
+    (lambda p: write(p, results().assign(norm=["bn"] * 11 + [" "]).to_csv(index=False)),
+     "column 'norm' is empty on line 13"),
+    (lambda p: write(p, 'norm,groups\n"bn,8\n'), "not a readable CSV file"),
+])
+def test_bad_results_csv_is_named_with_the_problem(tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    out = tmp_path / "plot.png"
+    assert plot.main(["--results", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"plot.py: error: {path}: ")
+    assert message in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ training curves
+
+def write_record(folder, norm, bs, seed, errors, workers=1):
+    name = f"{norm}_b{bs}_s{seed}"
+    history = [dict(epoch=i + 1, lr=0.1, train_loss=1.0, train_error=e + 5, test_loss=1.0,
+                    test_error=e, seconds=1.0) for i, e in enumerate(errors)]
+    record = dict(name=name, status="finished", history=history,
+                  config=dict(norm=norm, groups=8, batch_size=bs, workers=workers, seed=seed,
+                              epochs=len(errors)))
+    (folder / f"{name}.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    folder = tmp_path / "models"
+    (folder / "checkpoints").mkdir(parents=True)
+    write_record(folder, "bn", 32, 1, [60, 40, 30])
+    write_record(folder, "bn", 32, 2, [50, 30, 20])
+    write_record(folder, "bn", 2, 1, [80, 70, 65])
+    write_record(folder, "gn", 2, 1, [70, 50, 35])
+    (folder / "checkpoints" / "junk.json").write_text("{not json")   # must be ignored
+    return folder
+
+
+def test_curves_are_the_history_mean_over_seeds(models_dir):
+    table = plot.curves(plot.read_records(models_dir))
+    bn32 = table[(table.norm == "bn") & (table.batch_size == 32)]
+    assert bn32.test_error.tolist() == [55, 35, 25] and bn32.n.tolist() == [2, 2, 2]
+    assert table[table.norm == "gn"].test_error.tolist() == [70, 50, 35]
+    assert table.batch_size.tolist()[:6] == [32, 32, 32, 2, 2, 2]
+
+
+def test_cli_curves(models_dir, tmp_path):
+    out = tmp_path / "curves.png"
+    assert plot.main(["--curves", "--models-dir", str(models_dir), "--out", str(out)]) == 0
+    assert png_size(out) == (1500, 600)                 # two panels, 5 x 4 inches each
+    fig_lines = plot.curves(plot.read_records(models_dir)).groupby(["norm", "batch_size"])
+    assert len(fig_lines) == 3
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "no run records (NAME.json)"),
+    (lambda d: (d / "bn_b8_s1.json").write_text("{oops"), "bn_b8_s1.json: not a run record"),
+    (lambda d: (d / "bn_b8_s1.json").write_text('{"config": {"norm": "bn"}, "history": []}'),
+     "bn_b8_s1.json: not a run record"),
+    (lambda d: (d / "bn_b8_s1.json").write_text(json.dumps(
+        {"config": dict(norm="bn", batch_size=8, workers=1, seed=1), "history": []})),
+     "the run records have no epochs yet"),
+])
+def test_bad_run_records_are_named(tmp_path, capsys, setup, message):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    setup(folder)
+    assert plot.main(["--curves", "--models-dir", str(folder),
+                      "--out", str(tmp_path / "c.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("plot.py: error: ") and message in err

@@ -1,0 +1,233 @@
+"""reproduce.py end to end on the tiny CIFAR-10 fixture: train two tiny models (BN and
+GN) once, evaluate them into results.csv, plot it, and trigger every error path."""
+import contextlib
+import io
+import json
+import shutil
+import struct
+
+import pandas as pd
+import pytest
+
+import plot
+import reproduce
+import train
+
+RUN = ["--batch-size", "8", "--seed", "1", "--epochs", "2", "--train-images", "200"]
+
+
+def run_main(main, argv):
+    """(exit status, stdout, stderr) of main(argv), captured (module fixtures can't use capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cifar_dir):
+    """models/ with bn_b8_s1 and gn_b8_s1: 2 epochs on 200 fixture images each."""
+    root = tmp_path_factory.mktemp("runs")
+    for norm in ("gn", "bn"):
+        assert train.main(["--norm", norm, *RUN, "--data-dir", str(cifar_dir),
+                           "--models-dir", str(root / "models"),
+                           "--logs-dir", str(root / "logs")]) == 0
+    return root / "models"
+
+
+@pytest.fixture(scope="module")
+def reproduced(trained, cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "results.csv"
+    code, stdout, stderr = run_main(reproduce.main, ["--models-dir", str(trained), "--out",
+                                                     str(out), "--data-dir", str(cifar_dir)])
+    return code, stdout, stderr, out
+
+
+def record(models, name):
+    return json.loads((models / f"{name}.json").read_text())
+
+
+# ------------------------------------------------------------------ the good path
+
+def test_results_csv_rows_and_columns(reproduced, trained):
+    code, stdout, _, out = reproduced
+    assert code == 0 and f"wrote {out}: 2 model(s)" in stdout
+    df = pd.read_csv(out)
+    assert list(df.columns) == reproduce.COLUMNS + reproduce.PROVENANCE
+    assert df.columns[:11].tolist() == ["norm", "groups", "batch_size", "workers", "seed",
+                                        "epochs", "test_error", "test_loss",
+                                        "median_last5_error", "params", "model"]
+    assert df.norm.tolist() == ["bn", "gn"]
+    assert df[["groups", "batch_size", "workers", "seed", "epochs"]].values.tolist() == \
+        [[8, 8, 1, 1, 2]] * 2
+    assert df.model.tolist() == [str(trained / "bn_b8_s1.keras"), str(trained / "gn_b8_s1.keras")]
+    assert df.params.tolist() == [272_474, 272_474]   # ResNet-20, trainable (He et al.: 0.27M)
+    assert df.train_images.tolist() == [200, 200] and df.test_images.tolist() == [100, 100]
+    assert set(df.profile) == {"default"}
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_same_numbers_as_the_runs_own_evaluation(reproduced, trained):
+    df = pd.read_csv(reproduced[3]).set_index("norm")
+    for norm in ("bn", "gn"):
+        rec = record(trained, f"{norm}_b8_s1")
+        row = df.loc[norm]
+        assert row.test_error == rec["test_error"]
+        assert row.test_loss == pytest.approx(rec["test_loss"], rel=1e-12)
+        assert row.median_last5_error == rec["median_last5_error"]
+        assert row.params == rec["params"]
+        assert row.data_checksum == rec["data"]["checksum"]
+        assert row.git_commit == rec["git_commit"]
+        assert row.date == rec["finished_at"][:10]
+    assert "warning" not in reproduced[2]
+
+
+def test_plot_of_the_reproduced_results(reproduced, tmp_path):
+    out = tmp_path / "plot.png"
+    assert plot.main(["--results", str(reproduced[3]), "--out", str(out)]) == 0
+    width, height = struct.unpack(">II", out.read_bytes()[16:24])
+    assert (width, height) == (1500, 645)
+    csv = pd.read_csv(reproduced[3])
+    agg = plot.aggregate(plot.read_results(reproduced[3]))
+    assert agg[["norm", "batch_size", "n"]].values.tolist() == [["bn", 8, 1], ["gn", 8, 1]]
+    assert agg["mean"].tolist() == csv.median_last5_error.tolist()
+    assert plot.gaps(agg) == {8: pytest.approx(csv.median_last5_error[0]
+                                               - csv.median_last5_error[1])}
+
+
+def test_curves_from_the_run_records(trained, tmp_path):
+    out = tmp_path / "curves.png"
+    assert plot.main(["--curves", "--models-dir", str(trained), "--out", str(out)]) == 0
+    table = plot.curves(plot.read_records(trained))
+    assert table.epoch.tolist() == [1, 2, 1, 2]
+    assert table.test_error.tolist() == [h["test_error"] for n in ("bn", "gn")
+                                         for h in record(trained, f"{n}_b8_s1")["history"]]
+
+
+def test_plot_needs_only_columns_that_reproduce_writes():
+    assert set(plot.TEXT_COLUMNS + plot.NUMERIC_COLUMNS + list(plot.METRICS)) <= \
+        set(reproduce.COLUMNS)
+
+
+# ------------------------------------------------------------------ pieces
+
+def test_median_last5():
+    history = [{"test_error": e} for e in (90, 80, 5, 7, 3, 9, 4)]
+    assert reproduce.median_last5(history) == 5
+    assert reproduce.median_last5(history[:2]) == 85
+
+
+def test_rows_sorted_by_norm_batch_size_descending_seed():
+    rows = [dict(norm=n, batch_size=b, seed=s, workers=1, groups=8)
+            for n in ("gn", "bn") for s in (2, 1) for b in (2, 32, 8)]
+    df = reproduce.results_table(rows)
+    assert list(zip(df.norm, df.batch_size, df.seed))[:7] == [
+        ("bn", 32, 1), ("bn", 32, 2), ("bn", 8, 1), ("bn", 8, 2), ("bn", 2, 1), ("bn", 2, 2),
+        ("gn", 32, 1)]
+
+
+def test_data_prepared_once_per_training_subset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "prepare_data",
+                        lambda d, train_images, test_images: calls.append(train_images) or d)
+    cache = reproduce.DataCache("dir")
+    for n in (200, 200, None, 200, None):
+        assert cache.get({"run": {"train_images": n, "test_images": None}}) == "dir"
+    assert calls == [200, None]
+
+
+# ------------------------------------------------------------------ error paths
+
+@pytest.fixture(scope="module")
+def mixed(trained, cifar_dir, tmp_path_factory):
+    """A models/ with one good model (whose record disagrees) and four bad ones."""
+    models = tmp_path_factory.mktemp("mixed") / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained / "gn_b8_s1.keras", models / "gn_b8_s1.keras")
+    rec = record(trained, "gn_b8_s1")
+    rec["data"]["checksum"] = "f" * 64
+    rec["test_error"] += 1
+    (models / "gn_b8_s1.json").write_text(json.dumps(rec))
+    shutil.copy(trained / "bn_b8_s1.keras", models / "orphan.keras")          # no record
+    (models / "corrupt.keras").write_bytes(b"not a zip file")                 # unreadable
+    shutil.copy(trained / "bn_b8_s1.json", models / "corrupt.json")
+    shutil.copy(trained / "bn_b8_s1.keras", models / "bn_b8_s2.keras")       # record not JSON
+    (models / "bn_b8_s2.json").write_text("{truncated")
+    shutil.copy(trained / "bn_b8_s1.keras", models / "bn_b8_s3.keras")       # unfinished run
+    (models / "bn_b8_s3.json").write_text(json.dumps(dict(record(trained, "bn_b8_s1"),
+                                                          status="running")))
+    (models / "checkpoints" / "junk.keras").write_bytes(b"ignored")           # not a model
+    out = models.parent / "results.csv"
+    code, stdout, stderr = run_main(reproduce.main, ["--models-dir", str(models), "--out",
+                                                     str(out), "--data-dir", str(cifar_dir)])
+    return models, out, code, stdout, stderr
+
+
+def test_bad_models_are_named_and_the_others_evaluated(mixed):
+    models, out, code, stdout, stderr = mixed
+    assert code == 1
+    assert f"reproduce.py: error: {models / 'orphan.keras'}: no run record orphan.json" in stderr
+    assert f"reproduce.py: error: {models / 'corrupt.keras'}: cannot load the model" in stderr
+    assert f"reproduce.py: error: {models / 'bn_b8_s2.json'}: not a readable run record" in stderr
+    assert (f"reproduce.py: error: {models / 'bn_b8_s3.json'}: the run record's status is "
+            f"'running', not 'finished'") in stderr
+    assert "junk" not in stderr + stdout
+    assert pd.read_csv(out).model.tolist() == [str(models / "gn_b8_s1.keras")]
+
+
+def test_bad_models_are_listed_at_the_end(mixed):
+    models, _, _, _, stderr = mixed
+    tail = stderr[stderr.index("4 of 5 model(s) could not be evaluated"):].splitlines()[1:]
+    assert [line.strip() for line in tail] == [
+        str(models / n) for n in ("bn_b8_s2.keras", "bn_b8_s3.keras", "corrupt.keras",
+                                  "orphan.keras")]
+
+
+def test_disagreement_with_the_run_record_warns(mixed, trained):
+    models, out, _, _, stderr = mixed
+    model = models / "gn_b8_s1.keras"
+    assert pd.read_csv(out).test_error[0] == record(trained, "gn_b8_s1")["test_error"]
+    assert f"reproduce.py: warning: {model}: the data's checksum" in stderr
+    assert "differs from the run record's ffffffff" in stderr
+    error = pd.read_csv(out).test_error[0]
+    assert (f"reproduce.py: warning: {model}: test error {error:.2f}% differs from the run "
+            f"record's {error + 1:.2f}%") in stderr
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "absent", "absent does not exist (NAME.keras)"),
+    (lambda p: (p / "empty" / "checkpoints").mkdir(parents=True) or p / "empty",
+     "empty has no models (NAME.keras)"),
+])
+def test_no_models_says_how_to_train_them(tmp_path, capsys, make, message):
+    folder = make(tmp_path)
+    out = tmp_path / "results.csv"
+    assert reproduce.main(["--models-dir", str(folder), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "python train.py --profile quick" in err
+    assert not out.exists()
+
+
+def test_missing_data_stops_with_a_clear_message(trained, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    code = reproduce.main(["--models-dir", str(trained), "--out", str(out),
+                           "--data-dir", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot prepare the test data" in err and "CIFAR-10 not found" in err
+    assert not out.exists()
+
+
+def test_existing_results_are_replaced_whole(reproduced, trained, cifar_dir, tmp_path):
+    out = tmp_path / "results.csv"
+    out.write_text("stale\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    for suffix in (".keras", ".json"):
+        shutil.copy(trained / f"bn_b8_s1{suffix}", models / f"bn_b8_s1{suffix}")
+    code, _, _ = run_main(reproduce.main, ["--models-dir", str(models), "--out", str(out),
+                                           "--data-dir", str(cifar_dir)])
+    assert code == 0
+    assert pd.read_csv(out).drop(columns="model").equals(
+        pd.read_csv(reproduced[3]).drop(columns="model").iloc[:1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "results.csv"]

@@ -292,7 +292,7 @@ def read_records(models_dir):
         try:
             rec = json.loads(path.read_text())
             config, history = rec["config"], rec["history"]
-            for key in ("norm", "batch_size", "workers", "seed"):
+            for key in ("norm", "groups", "batch_size", "workers", "seed", "epochs"):
                 config[key]
             epochs = [(int(h["epoch"]), float(h["test_error"])) for h in history]
         except (OSError, ValueError, KeyError, TypeError) as e:

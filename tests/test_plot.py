@@ -230,9 +230,10 @@ def test_cli_curves(models_dir, tmp_path):
     (lambda d: None, "no run records (NAME.json)"),
     (lambda d: (d / "bn_b8_s1.json").write_text("{oops"), "bn_b8_s1.json: not a run record"),
     (lambda d: (d / "bn_b8_s1.json").write_text('{"config": {"norm": "bn"}, "history": []}'),
-     "bn_b8_s1.json: not a run record"),
+     "bn_b8_s1.json: not a run record with a per-epoch history (KeyError: 'groups')"),
     (lambda d: (d / "bn_b8_s1.json").write_text(json.dumps(
-        {"config": dict(norm="bn", batch_size=8, workers=1, seed=1), "history": []})),
+        {"config": dict(norm="bn", groups=8, batch_size=8, workers=1, seed=1, epochs=2),
+         "history": []})),
      "the run records have no epochs yet"),
 ])
 def test_bad_run_records_are_named(tmp_path, capsys, setup, message):

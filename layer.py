@@ -1,0 +1,221 @@
+"""GroupNormalization (Wu & He, ECCV 2018, eq. 1-2 and Figure 3) for Keras 3.
+
+    from layer import GroupNormalization
+    x = GroupNormalization(groups=8)(x)          # NHWC feature maps, 8 groups
+    x = GroupNormalization(groups=8, axis=1)(x)  # channels-first
+
+Written with `keras.ops` only, so it runs under the TensorFlow, JAX and PyTorch
+backends. For each sample and each group of C/G channels it takes the mean and the
+biased variance over the spatial axes and the group's channels, then
+`y = gamma * (x - mean) / sqrt(var + epsilon) + beta` with gamma, beta per channel.
+`groups=-1` is instance norm (one channel per group), `groups=1` is layer norm.
+
+Numerics: statistics in float32 (float64 for float64 inputs) whatever the compute
+dtype, output in the compute dtype; the mean-subtracted tensor is formed before
+scaling, so a large common offset does not cancel. Registered as
+`groupnorm>GroupNormalization`: a saved `.keras` model loads after `import layer`.
+Run `python bench.py layer` for its speed against Keras' GroupNorm and BatchNorm.
+"""
+import math
+
+import keras
+import numpy as np
+from keras import constraints, initializers, ops, regularizers
+
+
+def _check_groups(groups):
+    # bool is an int subclass; groups=True is a typo, not "one group".
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise ValueError(f"groups must be an int (or -1 for instance norm), "
+                         f"got groups={groups!r} of type {type(groups).__name__}")
+    if groups == 0 or groups < -1:
+        raise ValueError(f"groups must be a positive int or -1 (one group per channel), "
+                         f"got groups={groups}")
+
+
+def _resolve_groups(groups, channels):
+    """The number of groups for `channels` channels, or a ValueError naming both."""
+    if groups == -1:
+        return channels
+    if groups > channels:
+        raise ValueError(f"groups={groups} is more than the {channels} channels "
+                         f"of the input: use at most {channels} groups")
+    if channels % groups:
+        raise ValueError(f"groups={groups} does not divide the {channels} channels "
+                         f"of the input: choose a divisor of {channels}")
+    return groups
+
+
+def _resolve_axis(axis, shape):
+    """The non-negative channel axis of an input of this shape, or a ValueError."""
+    rank = len(shape)
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis={axis} is out of range for an input of rank {rank} "
+                         f"(shape {tuple(shape)}): use 1..{rank - 1} or -1..-{rank - 1}")
+    axis %= rank
+    if axis == 0:
+        raise ValueError(f"axis={axis} is the batch axis of the input of shape "
+                         f"{tuple(shape)}: GroupNorm normalizes each sample on its own")
+    if shape[axis] is None:
+        raise ValueError(f"axis={axis} of the input of shape {tuple(shape)} has an "
+                         f"undefined channel count (None): the layer needs it to make "
+                         f"gamma and beta")
+    return axis
+
+
+def _view_plan(input_shape, axis):
+    """How the statistics see an input: which axes they keep and reduce.
+
+    The input is viewed as (N, P, C, Q), P the product of the axes before the
+    channels and Q of those after, with P or Q left out where it is 1 (so NHWC
+    becomes (N, H*W, C)). Statistics are taken per channel over P and Q first, then
+    averaged over the channels of each group on the small (N, C) result: BatchNorm's
+    reduction pattern, several times faster on a CPU than reducing a
+    (N, H*W, G, C/G) view over axes (1, 3).
+
+    Returns (keep P, keep Q), the axes to reduce, and the per-channel shape
+    (without N) that statistics, gamma and beta broadcast in.
+    """
+    keep = tuple(not all(d == 1 for d in dims)  # None (unknown) is not 1
+                 for dims in (input_shape[1:axis], input_shape[axis + 1:]))
+    channel = 1 + keep[0]
+    view_rank = channel + 1 + keep[1]
+    reduce = tuple(i for i in range(1, view_rank) if i != channel)
+    per_channel = tuple(input_shape[axis] if i == channel else 1 for i in range(1, view_rank))
+    return keep, reduce, per_channel
+
+
+def _group_norm(averaging, reduce, per_channel, epsilon):
+    """GroupNorm of a (N, [P,] C, [Q]) view as f(x, gamma, beta), with its gradient.
+
+    Statistics are per channel over the `reduce` axes, then `averaging` (the (C, C)
+    block matrix of 1/(C/G)s) averages them over each group and repeats the result
+    to the group's channels: one small matmul instead of reshape-mean-repeat.
+    """
+    def per_channel_stat(t, reduction=ops.mean):  # (N, C)
+        return reduction(t, axis=reduce) if reduce else t  # rank 2: nothing to reduce
+
+    def spread(t):  # (N, C) -> broadcastable against the view
+        return ops.reshape(t, (-1, *per_channel))
+
+    def group_mean(t):  # (N, C): the mean of t over each sample's group, per channel
+        return ops.matmul(per_channel_stat(t), averaging)
+
+    @ops.custom_gradient
+    def norm(x, gamma, beta):
+        # Centre on a float32 mean first, then correct: x - mean is exact near the
+        # mean, so mean(centred) recovers the float32 mean's rounding error (1e-3 at
+        # a mean of 1e4, as large as the std of 1) and the variance follows the
+        # corrected two-pass formula, E[c^2] - E[c]^2 with E[c] tiny, not E[x^2]-E[x]^2.
+        centred = x - spread(group_mean(x))
+        shift = group_mean(centred)
+        variance = ops.maximum(group_mean(ops.square(centred)) - ops.square(shift), 0.0)
+        inv_std = ops.rsqrt(variance + epsilon)
+        factor = inv_std * gamma
+        # (x - mean) * factor + beta as centred * factor + (beta - shift * factor):
+        # the big tensor is scaled once and no large terms cancel, unlike
+        # x * factor + (beta - mean * factor) at a large mean.
+        y = centred * spread(factor) + spread(beta - shift * factor)
+
+        def grad(*args, upstream=None):
+            # The textbook GroupNorm backward, written out because autodiff of the
+            # forward touches the big tensor about twice as often (bench.py layer):
+            # dx = inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma,
+            # means over each sample's group, xhat = (centred - shift) * inv_std.
+            dy = args[0] if upstream is None else upstream  # torch passes upstream=
+            sum_dy = per_channel_stat(dy, ops.sum)
+            sum_dy_xhat = (per_channel_stat(dy * centred, ops.sum) - shift * sum_dy) * inv_std
+            count = ops.cast(ops.size(x) // ops.size(sum_dy), x.dtype)  # values per channel
+            mean_g = ops.matmul(sum_dy * gamma, averaging) / count
+            k = inv_std * ops.matmul(sum_dy_xhat * gamma, averaging) / count * inv_std
+            dx = dy * spread(factor) - (centred * spread(k) + spread(inv_std * mean_g - shift * k))
+            return dx, ops.sum(sum_dy_xhat, axis=0), ops.sum(sum_dy, axis=0)
+        return y, grad
+    return norm
+
+
+@keras.saving.register_keras_serializable(package="groupnorm")
+class GroupNormalization(keras.layers.Layer):
+    """Group normalization over `groups` groups of channels along `axis`.
+
+    Args:
+        groups: number of groups G; must divide the channel count C. -1 means C
+            groups (instance norm), 1 is layer norm. Default 32 (the paper's).
+        axis: the channel axis, -1 (channels-last) or 1 (channels-first); not 0.
+        epsilon: added to the variance; 1e-5 as in the paper and torch.nn.GroupNorm.
+        center, scale: learn beta (shift) and gamma (scale), one per channel.
+        beta_*/gamma_*: initializers, regularizers and constraints of the weights.
+    """
+
+    def __init__(self, groups=32, axis=-1, epsilon=1e-5, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None,
+                 beta_constraint=None, gamma_constraint=None, **kwargs):
+        _check_groups(groups)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"axis must be an int (the channel axis), got axis={axis!r}")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be positive (it keeps a constant input "
+                             f"finite), got epsilon={epsilon}")
+        super().__init__(**kwargs)
+        # Under mixed precision, keep float32 inputs float32: a float16 cast would
+        # turn inputs above 65504 into inf before the statistics see them.
+        self.autocast = False
+        self.supports_masking = True
+        self.groups, self.axis, self.epsilon = groups, axis, float(epsilon)
+        self.center, self.scale = center, scale
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+
+    def build(self, input_shape):
+        self._axis = _resolve_axis(self.axis, input_shape)
+        channels = input_shape[self._axis]
+        self._groups = _resolve_groups(self.groups, channels)
+        size = channels // self._groups
+        self._averaging = np.kron(np.eye(self._groups), np.full((size, size), 1 / size))
+        self._keep, self._reduce, self._per_channel = _view_plan(input_shape, self._axis)
+        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape),
+                                                 axes={self._axis: channels})
+        self.gamma = self.beta = None
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=(channels,), name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+                autocast=False)
+        if self.center:
+            self.beta = self.add_weight(
+                shape=(channels,), name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+                autocast=False)
+
+    def call(self, inputs):
+        shape, a = ops.shape(inputs), self._axis
+        view = [-1, math.prod(shape[1:a]), shape[a], math.prod(shape[a + 1:])]
+        view = [d for d, k in zip(view, (True, self._keep[0], True, self._keep[1])) if k]
+        # Statistics in float32 (float64 stays float64): float16 overflows in x**2.
+        dtype = "float64" if inputs.dtype == "float64" else "float32"
+        x = ops.reshape(ops.cast(inputs, dtype), view)
+        channels = inputs.shape[a]
+        gamma = ops.cast(self.gamma, dtype) if self.scale else ops.ones((channels,), dtype)
+        beta = ops.cast(self.beta, dtype) if self.center else ops.zeros((channels,), dtype)
+        norm = _group_norm(ops.convert_to_tensor(self._averaging, dtype), self._reduce,
+                           self._per_channel, self.epsilon)
+        return ops.cast(ops.reshape(norm(x, gamma, beta), shape), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(),
+                "groups": self.groups, "axis": self.axis, "epsilon": self.epsilon,
+                "center": self.center, "scale": self.scale,
+                "beta_initializer": initializers.serialize(self.beta_initializer),
+                "gamma_initializer": initializers.serialize(self.gamma_initializer),
+                "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": constraints.serialize(self.beta_constraint),
+                "gamma_constraint": constraints.serialize(self.gamma_constraint)}

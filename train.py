@@ -13,7 +13,6 @@ and, on SIGUSR1/SIGTERM, at the end of the current step, then exits with status 
 rerunning the same command resumes and ends with the same weights as an uninterrupted run.
 """
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -216,7 +216,9 @@ class Data:
 
 def prepare_data(data_dir=None, train_images=None, test_images=None):
     root = cifar10.locate(data_dir)
-    x_train, y_train, x_test, y_test = cifar10.load(root)
+    with warnings.catch_warnings():   # a subset is fine here: the run record says so
+        warnings.simplefilter("ignore", cifar10.SubsetWarning)
+        x_train, y_train, x_test, y_test = cifar10.load(root)
     official = (len(y_train), len(y_test)) == (50000, 10000)
     checksum = cifar10.checksum(x_train, y_train, x_test, y_test)
     if train_images:
@@ -471,6 +473,9 @@ def _train(cfg, paths, data_dir, force, progress, stop):
     tf.config.experimental.enable_op_determinism()
     data = prepare_data(data_dir, cfg.train_images, cfg.test_images)
     steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
+    if not data.official:
+        print(f"note: {data.source} is not the official 50,000 + 10,000 images; this run trains on "
+              f"{len(data.y_train)} and tests on {len(data.y_test)} (recorded in the run record)")
     model = build_resnet20(cfg.norm, cfg.groups)
     compile_model(model, cfg, steps)
     if force:
@@ -527,6 +532,8 @@ def parse_args(argv=None):
     io.add_argument("--logs-dir", default="logs")
     io.add_argument("--results", default="results.csv", help="(whole profile) results file")
     io.add_argument("--plot", default="plot.png", help="(whole profile) figure file")
+    io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
+                                    "e.g. 'CIFAR-10 (JPEG copy)'")
     p.add_argument("--force", action="store_true", help="retrain a finished run, drop a checkpoint")
     args = p.parse_args(argv)
     for name in ("batch_size", "epochs", "groups", "train_images", "test_images"):
@@ -577,13 +584,16 @@ def run_profile(args, stop=None):
             return code
     here = Path(__file__).resolve().parent
     data = ["--data-dir", args.data_dir] if args.data_dir else []
+    label = ["--label", args.label] if args.label else []
+    curves = str(Path(args.plot).with_name("curves.png"))
     for cmd in ([here / "reproduce.py", "--models-dir", args.models_dir, "--out", args.results, *data],
-                [here / "plot.py", "--results", args.results, "--out", args.plot]):
+                [here / "plot.py", "--results", args.results, "--out", args.plot, *label],
+                [here / "plot.py", "--curves", "--models-dir", args.models_dir, "--out", curves, *label]):
         code = subprocess.run([sys.executable, *map(str, cmd)]).returncode
         if code:
             return code
     print(f"profile {args.profile}: done in {(time.perf_counter() - start) / 60:.1f} min: "
-          f"{args.results}, {args.plot}", flush=True)
+          f"{args.results}, {args.plot}, {curves}", flush=True)
     return 0
 
 

@@ -1,0 +1,318 @@
+"""train.py: the ResNet-20 builder, the recipe and grid, and one resumable run end to end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+import keras  # noqa: E402
+import layer  # noqa: E402
+import train  # noqa: E402
+
+
+# --- the model -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_resnet20_parameter_count(norm):
+    model = train.build_resnet20(norm)
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 272_474
+
+
+def _macs(model):
+    """Multiply-adds per image of the convolutions and the dense layer (bias adds included)."""
+    total = 0
+    for lyr in model.layers:
+        if isinstance(lyr, keras.layers.Conv2D):
+            h, w, c_out = lyr.output.shape[1:]
+            kh, kw, c_in, _ = lyr.kernel.shape
+            total += h * w * c_out * kh * kw * c_in
+        elif isinstance(lyr, keras.layers.Dense):
+            total += int(np.prod(lyr.kernel.shape)) + lyr.units
+    return total
+
+
+def test_resnet20_multiply_adds_match_pycls():
+    # pycls' complexity count for its CIFAR ResNet-20: 40,813,194 multiply-adds per image.
+    assert _macs(train.build_resnet20("gn")) == 40_813_194
+
+
+@pytest.mark.parametrize("norm, cls", [("bn", keras.layers.BatchNormalization),
+                                       ("gn", layer.GroupNormalization)])
+def test_resnet20_structure(norm, cls):
+    model = train.build_resnet20(norm)
+    norms = [l for l in model.layers if isinstance(l, (keras.layers.BatchNormalization,
+                                                        layer.GroupNormalization))]
+    # stem + 9 blocks x 2 + 2 projection shortcuts
+    assert len(norms) == 21 and all(isinstance(l, cls) for l in norms)
+    zero = sorted(l.name for l in norms if not np.any(l.gamma.numpy()))
+    assert zero == sorted(f"stage{s}_block{b}_norm2" for s in (1, 2, 3) for b in (1, 2, 3))
+    assert all(np.all(l.gamma.numpy() == 1) for l in norms if l.name not in zero)
+    if norm == "gn":
+        assert all(l.groups == 8 and l.epsilon == 1e-5 for l in norms)
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert len(convs) == 21 and not any(c.use_bias for c in convs)
+    assert sum(c.kernel.shape[:2] == (1, 1) for c in convs) == 2
+    # conv -> norm -> ReLU: every norm reads a conv; every non-final norm feeds a ReLU.
+    for n in norms:
+        assert isinstance(n._inbound_nodes[0].operation, cls)
+        source = n._inbound_nodes[0].parent_nodes[0].operation
+        assert isinstance(source, keras.layers.Conv2D), n.name
+    assert model.output.shape[-1] == 10
+
+
+def test_resnet20_he_init_and_weight_decay():
+    model = train.build_resnet20("bn")
+    conv = model.get_layer("stage3_block2_conv1")
+    std = float(np.std(conv.kernel.numpy()))
+    assert abs(std - np.sqrt(2 / (3 * 3 * 64))) < 0.01
+    # Every trainable weight carries L2 = decay / 2 (gradient decay * w): count the losses.
+    assert len(model.losses) == len(model.trainable_weights)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(norm="ln"), "norm should be one of"),
+    (dict(norm="gn", groups=3), "groups should divide"),
+    (dict(norm="gn", groups=0), "groups should divide"),
+])
+def test_builder_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.build_resnet20(**kwargs)
+
+
+@pytest.mark.parametrize("depth", [21, 4, "20"])
+def test_depth_error(depth):
+    with pytest.raises(ValueError, match=r"depth should be 6n\+2"):
+        train.build_resnet(depth)
+
+
+def test_deeper_resnet_builds():
+    assert len([l for l in train.build_resnet(32).layers if isinstance(l, keras.layers.Add)]) == 15
+
+
+# --- the recipe and the grid -------------------------------------------------------------
+
+def test_learning_rate_rule_and_schedule():
+    assert [train.Config(batch_size=n).lr for n in (32, 16, 2)] == [0.1, 0.05, 0.00625]
+    assert train.Config(epochs=100).lr_drops == [30, 60, 90]
+    assert train.Config(epochs=10).lr_drops == [3, 6, 9]
+    cfg = train.Config(norm="bn", batch_size=8, epochs=10)
+    model = train.build_resnet20("bn")
+    train.compile_model(model, cfg, steps_per_epoch=5)
+    sched = model.optimizer._learning_rate   # the PiecewiseConstantDecay schedule
+    lr_at = [float(sched(step)) for step in (0, 14, 15, 29, 30, 44, 45)]
+    np.testing.assert_allclose(lr_at, [0.025, 0.025, 0.0025, 0.0025, 0.00025, 0.00025, 0.000025])
+    assert model.optimizer.momentum == 0.9
+
+
+def test_grid_is_seed_major():
+    entries = train.grid()
+    assert len(entries) == 30 and len({c.name for c in entries}) == 30
+    assert [c.name for c in entries[:10]] == [f"{n}_b{b}_s1" for n in ("bn", "gn")
+                                              for b in (32, 16, 8, 4, 2)]
+    assert {c.seed for c in entries[10:20]} == {2} and all(c.epochs == 100 for c in entries)
+    quick = train.grid("quick")
+    assert len(quick) == 10 and all(c.profile == "quick" and c.train_images for c in quick)
+
+
+def run_train(*args, **kwargs):
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, **kwargs)
+
+
+def test_grid_cli_lists_the_grid():
+    out = run_train("--grid").stdout.splitlines()
+    assert out[0].startswith("# 30 runs")
+    assert out[1] == "0 bn_b32_s1 --norm bn --batch-size 32 --seed 1"
+    assert out[-1] == "29 gn_b2_s3 --norm gn --batch-size 2 --seed 3"
+
+
+def test_task_selects_grid_entry_and_overrides():
+    p, args = train.parse_args(["--task", "7", "--epochs", "2"])
+    cfg = train.resolve(p, args)
+    assert (cfg.norm, cfg.batch_size, cfg.seed, cfg.epochs) == ("gn", 8, 1, 2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "30"], "--task 30 is outside the default grid"),
+    (["--norm", "gn"], "give --norm and --batch-size"),
+    (["--norm", "gn", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--norm", "gn", "--batch-size", "8", "--groups", "5"], "--groups: groups should divide"),
+])
+def test_cli_errors(args, message):
+    result = run_train(*args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+# --- one run end to end ----------------------------------------------------------------
+
+RUN = ["--norm", "gn", "--batch-size", "4", "--seed", "3", "--epochs", "3"]
+
+
+def run_args(cifar_dir, root, models="models"):
+    return [*RUN, "--data-dir", cifar_dir, "--models-dir", root / models, "--logs-dir", root / "logs"]
+
+
+@pytest.fixture(scope="module")
+def reference(cifar_dir, tmp_path_factory):
+    """An uninterrupted 3-epoch run on the tiny fixture."""
+    root = tmp_path_factory.mktemp("reference")
+    result = run_train(*run_args(cifar_dir, root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def epochs_printed(stdout):
+    return [l.split()[2] for l in stdout.splitlines() if l.split()[1:2] == ["epoch"]]
+
+
+def weights(path):
+    return keras.models.load_model(path).get_weights()
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert len(wa) == len(wb)
+    for x, y in zip(wa, wb):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_run_writes_model_record_and_one_line_per_epoch(reference, cifar_dir):
+    root, result = reference
+    assert epochs_printed(result.stdout) == ["1/3", "2/3", "3/3"]
+    record = json.loads((root / "models" / "gn_b4_s3.json").read_text())
+    history = record["history"]
+    assert [e["epoch"] for e in history] == [1, 2, 3]
+    assert [e["lr"] for e in history] == pytest.approx([0.0125, 0.00125, 0.000125])
+    assert record["median_last5_error"] == pytest.approx(np.median([e["test_error"] for e in history]))
+    assert record["test_error"] == history[-1]["test_error"]
+    assert record["params"] == 272_474 and record["config"]["groups"] == 8
+    assert record["config"]["train_images"] == 500 and record["data"]["test_images"] == 100
+    import cifar10
+    assert record["data"]["checksum"] == cifar10.checksum(*cifar10.load(cifar_dir))
+    assert set(record["versions"]) >= {"python", "keras", "tensorflow", "numpy"}
+    assert record["git_commit"] and record["images_per_second"] > 0
+    assert not list((root / "models").glob("checkpoints/*")), "the checkpoint is removed at the end"
+    assert not list(root.rglob(".*.tmp*")), "no temporary file is left"
+
+
+def test_final_evaluation_matches_saved_model(reference, cifar_dir):
+    root, _ = reference
+    record = json.loads((root / "models" / "gn_b4_s3.json").read_text())
+    model = keras.models.load_model(root / "models" / "gn_b4_s3.keras", safe_mode=True)
+    loss, error = train.evaluate(model, train.prepare_data(cifar_dir))
+    assert (loss, error) == (pytest.approx(record["test_loss"], abs=1e-6), record["test_error"])
+
+
+def test_tensorboard_scalars_are_readable(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+    root, _ = reference
+    events = EventAccumulator(str(root / "logs" / "gn_b4_s3"), size_guidance={"tensors": 0})
+    events.Reload()
+    record = json.loads((root / "models" / "gn_b4_s3.json").read_text())
+    test_error = events.Tensors("test/error")
+    assert [e.step for e in test_error] == [1, 2, 3]
+    values = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in test_error]
+    assert values == pytest.approx([h["test_error"] for h in record["history"]], rel=1e-6)
+    assert {"train/loss", "train/error", "test/loss", "lr"} <= set(events.Tags()["tensors"])
+
+
+def test_same_arguments_give_same_weights(reference, cifar_dir, tmp_path):
+    root, _ = reference
+    assert run_train(*run_args(cifar_dir, tmp_path)).returncode == 0
+    assert_same_weights(root / "models" / "gn_b4_s3.keras", tmp_path / "models" / "gn_b4_s3.keras")
+
+
+def start_and_interrupt(args, sig):
+    """Start a run, send sig about one second into epoch 2; return (exit status, output)."""
+    proc = subprocess.Popen([sys.executable, "-u", "train.py", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if " epoch 1/3 " in line:
+            time.sleep(1.0)
+            proc.send_signal(sig)
+            break
+    output.append(proc.stdout.read())
+    return proc.wait(timeout=120), "".join(output)
+
+
+def test_sigkill_in_epoch_2_then_resume_gives_same_weights(reference, cifar_dir, tmp_path):
+    root, _ = reference
+    code, out = start_and_interrupt(run_args(cifar_dir, tmp_path), signal.SIGKILL)
+    assert code == -signal.SIGKILL and " epoch 2/3 " not in out
+    assert not (tmp_path / "models" / "gn_b4_s3.keras").exists()
+    resumed = run_train(*run_args(cifar_dir, tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at epoch 2, step 0" in resumed.stdout
+    assert_same_weights(root / "models" / "gn_b4_s3.keras", tmp_path / "models" / "gn_b4_s3.keras")
+    record = json.loads((tmp_path / "models" / "gn_b4_s3.json").read_text())
+    assert [e["epoch"] for e in record["history"]] == [1, 2, 3] and record["resumed"] == 1
+
+
+def test_sigusr1_checkpoints_mid_epoch_and_resumes_exactly(reference, cifar_dir, tmp_path):
+    root, _ = reference
+    code, out = start_and_interrupt(run_args(cifar_dir, tmp_path), signal.SIGUSR1)
+    assert code == train.PREEMPTED, out[-3000:]
+    assert "received SIGUSR1" in out and "checkpointed at epoch 2, step " in out
+    step = int(out.split("checkpointed at epoch 2, step ")[1].split()[0])
+    assert 0 < step < 125
+    resumed = run_train(*run_args(cifar_dir, tmp_path))
+    assert f"resuming at epoch 2, step {step}" in resumed.stdout
+    assert epochs_printed(resumed.stdout) == ["2/3", "3/3"]
+    assert_same_weights(root / "models" / "gn_b4_s3.keras", tmp_path / "models" / "gn_b4_s3.keras")
+    ref = json.loads((root / "models" / "gn_b4_s3.json").read_text())["history"]
+    got = json.loads((tmp_path / "models" / "gn_b4_s3.json").read_text())["history"]
+    for a, b in zip(ref, got):  # even the interrupted epoch's training metrics are merged exactly
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_error"] == b["test_error"]
+
+
+def test_finished_run_is_skipped_unless_forced(reference, cifar_dir):
+    root, _ = reference
+    model = root / "models" / "gn_b4_s3.keras"
+    before = model.stat().st_mtime_ns
+    again = run_train(*run_args(cifar_dir, root))
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert model.stat().st_mtime_ns == before
+
+
+def test_finished_run_with_other_configuration_is_refused(reference, cifar_dir):
+    root, _ = reference
+    args = run_args(cifar_dir, root)
+    args[args.index("--epochs") + 1] = "5"
+    result = run_train(*args)
+    assert result.returncode != 0 and "was trained with another configuration" in result.stderr
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "gn_b4_s3.json"
+    train.write_json(target, {"good": 1})
+
+    def broken(tmp):
+        tmp.write_text('{"half')
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        train._atomic(target, broken)
+    assert json.loads(target.read_text()) == {"good": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["gn_b4_s3.json"]
+
+
+# --- real images -------------------------------------------------------------------------
+
+def test_learns_on_the_jpeg_copy_of_cifar10(jpeg_cifar_dir, tmp_path):
+    """3 epochs of BN at batch 32 on 5,000 real images: well under chance (90 %) error."""
+    result = run_train("--norm", "bn", "--batch-size", "32", "--epochs", "3", "--train-images", "5000",
+                       "--data-dir", jpeg_cifar_dir, "--models-dir", tmp_path / "m",
+                       "--logs-dir", tmp_path / "l")
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    record = json.loads((tmp_path / "m" / "bn_b32_s1.json").read_text())
+    assert record["test_error"] < 75

@@ -12,6 +12,7 @@ and the table shows medians over repeats and the ratios to BatchNormalization.
 Writes nothing; prints the table to stdout.
 """
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -55,8 +56,11 @@ def train_step(norm, x):
         state = [v.value for v in norm.trainable_variables]
         others = [v.value for v in norm.non_trainable_variables]
 
+        # stateless_call passes keywords straight to call(), which GN's lacks.
+        kwargs = {"training": True} if "training" in inspect.signature(norm.call).parameters else {}
+
         def loss(trainable, x):
-            y, _ = norm.stateless_call(trainable, others, x, training=True)
+            y, _ = norm.stateless_call(trainable, others, x, **kwargs)
             return (y * w).sum()
         step = jax.jit(jax.grad(loss, argnums=(0, 1)))
         return lambda: jax.block_until_ready(step(state, x))

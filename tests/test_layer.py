@@ -93,6 +93,20 @@ def test_forward_matches_float64_reference(shape, groups, axis):
     np.testing.assert_allclose(numpy(norm(x)), want, rtol=1e-5, atol=2e-6)
 
 
+def test_float64_to_the_last_digits():
+    if keras.backend.backend() == "jax":
+        import jax
+        if not jax.config.jax_enable_x64:
+            pytest.skip("JAX runs float64 as float32 unless jax_enable_x64 is set")
+    shape = (2, 6, 5, 12)
+    keras.utils.set_random_seed(0)
+    norm = GroupNormalization(groups=3, dtype="float64", gamma_initializer="random_normal")
+    x = np.random.default_rng(12).normal(7.0, 2.0, size=shape)
+    y = numpy(norm(x))
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, reference(x, 3, -1, *weights(norm)), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("center,scale", [(False, True), (True, False), (False, False)])
 def test_without_beta_or_gamma(center, scale):
     norm = GroupNormalization(groups=2, center=center, scale=scale)
@@ -278,3 +292,27 @@ def test_unknown_batch_and_spatial_sizes_in_a_graph():
         x = np.random.default_rng(10).normal(size=shape).astype("float32")
         np.testing.assert_allclose(traced(x).numpy(), reference(x, 4, -1, *weights(norm)),
                                    rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_trains_inside_a_compiled_model(policy):
+    # The backend's own training step (tf.function, jax.jit, torch) around the
+    # custom gradient, with the regularizers train.py uses.
+    keras.utils.set_random_seed(11)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+        norm = GroupNormalization(groups=8, gamma_regularizer=keras.regularizers.L2(1e-4),
+                                  beta_regularizer=keras.regularizers.L2(1e-4))
+        h = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(norm(h)))
+        model = keras.Model(inputs, keras.layers.Dense(10, dtype="float32")(h))
+        model.compile(keras.optimizers.SGD(0.05),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        rng = np.random.default_rng(11)
+        x, y = rng.normal(size=(32, 8, 8, 3)).astype("float32"), rng.integers(0, 10, 32)
+        losses = model.fit(x, y, batch_size=8, epochs=3, verbose=0).history["loss"]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert not np.allclose(numpy(norm.gamma), 1.0)

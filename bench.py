@@ -57,7 +57,8 @@ def train_step(norm, x):
         others = [v.value for v in norm.non_trainable_variables]
 
         # stateless_call passes keywords straight to call(), which GN's lacks.
-        kwargs = {"training": True} if "training" in inspect.signature(norm.call).parameters else {}
+        takes_training = "training" in inspect.signature(norm.call).parameters
+        kwargs = {"training": True} if takes_training else {}
 
         def loss(trainable, x):
             y, _ = norm.stateless_call(trainable, others, x, **kwargs)

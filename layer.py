@@ -99,25 +99,28 @@ def _group_norm(averaging, reduce, per_channel, epsilon):
     def spread(t):  # (N, C) -> broadcastable against the view
         return ops.reshape(t, (-1, *per_channel))
 
-    def by_group(t):  # (N, C) -> (N, C), each channel given its group's average
+    def by_group(t, to_mean):  # (N, C) sums -> (N, C), each channel its group's mean
         # einsum, not matmul: Keras' torch matmul returns float32 for float64 inputs.
-        return ops.einsum("nc,cd->nd", t, averaging)
-
-    def group_mean(t, count):  # (N, C): the mean of t over each sample's group
-        # sum / count, not ops.mean: Keras' torch mean runs float64 in float32.
-        return by_group(per_channel_sum(t)) / count
+        return ops.einsum("nc,cd->nd", t, to_mean)
 
     @ops.custom_gradient
     def norm(x, gamma, beta):
+        # Sums times averaging / count, not ops.mean: Keras' torch mean runs float64
+        # in float32; and one matrix makes a group mean of per-channel sums.
         count = ops.cast(math.prod(ops.shape(x)[i] for i in reduce), x.dtype)  # per channel
+        to_mean = averaging / count
+
+        def group_mean(t):  # (N, C): per sample, the mean of t over each channel's group
+            return by_group(per_channel_sum(t), to_mean)
+
         # Centre on the float32 mean, then correct: x - mean is exact near the mean,
         # so mean(centred) recovers the mean's rounding error (6e-4 std at a mean of
         # 1e4, std 1), and the variance is the corrected two-pass E[c^2] - E[c]^2
         # with E[c] tiny; never E[x^2] - E[x]^2, which cancels at a large mean.
-        centred = x - spread(group_mean(x, count))
-        shift = group_mean(centred, count)
+        centred = x - spread(group_mean(x))
+        shift = group_mean(centred)
         # relu clips rounding below 0 (ops.maximum(v, 0.0) is float32 under torch).
-        variance = ops.relu(group_mean(ops.square(centred), count) - ops.square(shift))
+        variance = ops.relu(group_mean(ops.square(centred)) - ops.square(shift))
         inv_std = ops.rsqrt(variance + epsilon)
         factor = inv_std * gamma
         # (x - mean) * factor + beta as centred * factor + (beta - shift * factor):
@@ -134,8 +137,8 @@ def _group_norm(averaging, reduce, per_channel, epsilon):
             dy = args[0] if upstream is None else upstream  # torch passes upstream=
             sum_dy = per_channel_sum(dy)
             sum_dy_xhat = (per_channel_sum(dy * centred) - shift * sum_dy) * inv_std
-            mean_g = by_group(sum_dy * gamma) / count
-            k = inv_std * by_group(sum_dy_xhat * gamma) / count * inv_std
+            mean_g = by_group(sum_dy * gamma, to_mean)
+            k = by_group(sum_dy_xhat * gamma, to_mean) * ops.square(inv_std)
             dx = dy * spread(factor) - (centred * spread(k) + spread(inv_std * mean_g - shift * k))
             return dx, ops.sum(sum_dy_xhat, axis=0), ops.sum(sum_dy, axis=0)
         return y, grad

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The sweep of train.py as a SLURM array job: array task I runs grid entry I, resumably.
+#
+#   sbatch train.sh                           # every entry of the grid (python train.py --grid)
+#   sbatch train.sh --profile quick           # arguments after the script reach train.py
+#   sbatch --array=0-3 train.sh --epochs 1    # some entries only
+#   bash train.sh [args]                      # no SLURM: every entry in turn, on this machine
+#   TASKS="0 3 5" bash train.sh [args]        # no SLURM: these entries
+#
+# Submit from the repository (the log path below is relative to it). Writes what train.py
+# writes (models/NAME.keras, models/NAME.json, logs/NAME/) and logs/slurm-JOB_TASK.out.
+#
+# Preemption and time limits: SLURM sends SIGUSR1 to this script 5 minutes before the time
+# limit (--signal below); it passes the signal to train.py, which checkpoints at the end of
+# its current step and exits with status 75; this array task then requeues itself and, when
+# it runs again, resumes from the checkpoint. SIGTERM (preemption, scancel) also makes
+# train.py checkpoint, but the task is not requeued by this script: SLURM requeues preempted
+# jobs itself (--requeue), and a cancelled task resumes when it is submitted again. A task
+# whose model is finished exits at once, so resubmitting the whole array is always safe.
+#
+# The array covers the default grid (python train.py --grid; a test checks the two agree).
+#SBATCH --job-name=gn-sweep
+#SBATCH --array=0-29
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=4
+#SBATCH --mem=16G
+#SBATCH --time=04:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/slurm-%A_%a.out
+
+set -uo pipefail
+
+# sbatch runs a copy of this script from its spool folder: find the repository.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [[ ! -f $repo/train.py && -n ${SLURM_JOB_ID:-} ]]; then
+    # (The first Command=: the job id of an array's last task shows every task.)
+    script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)
+    repo=$(dirname "${script:-.}")
+    [[ -f $repo/train.py ]] || repo=$SLURM_SUBMIT_DIR
+fi
+cd "$repo" || exit 2
+if [[ ! -f train.py ]]; then
+    echo "train.sh: no train.py in $repo; run or submit train.sh from the repository" >&2
+    exit 2
+fi
+
+# ---- Environment: the one place to adapt to a cluster --------------------------------
+# Load what the site needs (names vary, see `module avail`), e.g.
+#   module load python/3.11 cuda/12.4 cudnn/9.1
+# then the repository's virtualenv, if there is one (`make` creates .venv; on a GPU cluster:
+# python -m venv .venv && .venv/bin/pip install -r requirements.txt "tensorflow[and-cuda]").
+if [[ -f .venv/bin/activate ]]; then
+    # shellcheck source=/dev/null
+    source .venv/bin/activate
+fi
+PYTHON=${PYTHON:-python}
+# Compute nodes often have no internet: point train.py at a copy of CIFAR-10, e.g.
+#   export CIFAR10_DIR=$HOME/data    # holds cifar-10-batches-py/ or cifar-10-python.tar.gz
+export PYTHONUNBUFFERED=1
+# ---------------------------------------------------------------------------------------
+
+PREEMPTED=75    # train.py's exit status after a checkpoint on a signal (train.PREEMPTED)
+
+child=""        # pid of the running train.py
+caught=""       # the last signal this script received
+signals=0       # how many it received
+
+on_signal() {
+    caught=$1
+    signals=$((signals + 1))
+    if [[ -n $child ]]; then
+        echo "train.sh: SIG$1: passing it to train.py (pid $child), which checkpoints and exits"
+        # Ctrl-C reaches only this script (background jobs ignore SIGINT): ask for a checkpoint.
+        kill -s "${1/INT/TERM}" "$child" 2>/dev/null
+    else
+        echo "train.sh: SIG$1: stopping"
+    fi
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+
+# Run train.py --task I [args] in the background, so that a signal reaches this script at
+# once (bash runs traps only between commands); return train.py's exit status.
+run_task() {
+    local status n=$signals
+    [[ -n $caught ]] && return "$PREEMPTED"    # asked to stop before it started
+    "$PYTHON" train.py --task "$@" &
+    child=$!
+    ((signals == n)) || kill -s "${caught/INT/TERM}" "$child" 2>/dev/null   # arrived meanwhile
+    while true; do
+        n=$signals
+        wait "$child"
+        status=$?
+        # wait returns early when a trapped signal arrives: wait again for the checkpoint.
+        ((signals == n)) && break
+    done
+    child=""
+    return "$status"
+}
+
+# The grid entries (indices) that train.py defines for these arguments (e.g. --profile).
+grid_indices() {
+    local grid
+    grid=$("$PYTHON" train.py --grid "$@") || return
+    awk '!/^#/ {print $1}' <<<"$grid"
+}
+
+if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    task=$SLURM_ARRAY_TASK_ID
+    id=${SLURM_ARRAY_JOB_ID}_${task}
+    echo "train.sh: array task $id (job $SLURM_JOB_ID) on $(hostname), restart ${SLURM_RESTART_COUNT:-0}, $(date '+%F %T')"
+    # The header covers the default grid; a smaller one (--profile quick) leaves tasks idle.
+    if indices=$(grid_indices "$@") && ! grep -qx "$task" <<<"$indices"; then
+        echo "train.sh: the grid of these arguments has no entry $task; nothing to do"
+        exit 0
+    fi
+    run_task "$task" "$@"
+    status=$?
+    if ((status == PREEMPTED)) && [[ $caught == USR1 ]]; then
+        # SLURM ends this run of the task and queues it again (after ~2 minutes, cred_expire).
+        if scontrol requeue "$id"; then
+            echo "train.sh: requeued $id; it resumes from its checkpoint when it runs again"
+            exit 0
+        fi
+        echo "train.sh: scontrol requeue $id failed; submit the task again to resume" >&2
+    elif ((status == PREEMPTED)); then
+        echo "train.sh: checkpointed after SIG${caught:-TERM}; not requeueing (SLURM requeues a preempted task itself; submit a cancelled one again to resume)"
+    fi
+    exit "$status"
+fi
+
+# No SLURM: the entries one after the other, with the same semantics.
+TASKS=${TASKS:-$(grid_indices "$@")} || exit
+failed=()
+for task in $TASKS; do
+    echo "train.sh: grid entry $task ($(date '+%F %T'))"
+    run_task "$task" "$@"
+    status=$?
+    if ((status == PREEMPTED)) || [[ -n $caught ]]; then
+        echo "train.sh: stopped at entry $task by SIG${caught:-?}; run the same command again to resume"
+        exit "$status"
+    fi
+    ((status == 0)) || failed+=("$task")
+done
+if ((${#failed[@]})); then
+    echo "train.sh: entries that failed: ${failed[*]} (see their output above)" >&2
+    exit 1
+fi

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BVENV := .venv-backends
 
-.PHONY: quick test test-tf test-backends clean-venv
+.PHONY: quick test test-tf test-backends slurm-deps clean-venv
 
 $(VENV)/.stamp: requirements.txt requirements-test.txt
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,14 @@ quick: $(VENV)/.stamp
 
 test: test-tf test-backends
 
-test-tf: $(VENV)/.stamp
+test-tf: $(VENV)/.stamp slurm-deps
 	$(BIN)/python -m pytest -q tests
+
+# The SLURM tests start a one-node cluster from Debian's slurm-wlm and munge; they are
+# installed when missing if we are root (as in CI), else those tests are skipped.
+slurm-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash .ci/install-slurm.sh; \
+	else echo "slurm-deps: not root, not installing slurm-wlm/munge/shellcheck (SLURM tests skip)"; fi
 
 # The layer under the other Keras backends (no TensorFlow in that venv).
 test-backends: $(BVENV)/.stamp

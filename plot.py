@@ -263,8 +263,11 @@ def plot_figure1(df, out, metric="median_last5_error", label=None):
     """Two panels: this reproduction (CIFAR-10) and the paper's ImageNet Table 2."""
     agg = aggregate(df, metric)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.3))
-    draw_panel(left, agg, "CIFAR-10, ResNet-20 (this reproduction)", "test error (%)")
-    draw_panel(right, aggregate(paper_results()), "ImageNet, ResNet-50 (paper, Table 2)",
+    # Which setting the points show: W workers of N images per step (train.py --workers).
+    workers = span(df["workers"].astype(int))
+    draw_panel(left, agg, f"CIFAR-10, ResNet-20, {workers} workers (this reproduction)",
+               "test error (%)")
+    draw_panel(right, aggregate(paper_results()), "ImageNet, ResNet-50, 8 workers (paper, Table 2)",
                "validation error (%)")
     fig.suptitle("Group Normalization, Figure 1: error against batch size per worker",
                  fontsize=12, y=0.985)

@@ -1,18 +1,24 @@
 """ResNet-20 with BatchNorm or GroupNorm on CIFAR-10: one run of the sweep, resumable.
 
-    python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs)
-    python train.py --task 7                             # the 7th entry of the sweep grid
+    python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
+    python train.py --norm bn --batch-size 4 --workers 8 # 8 workers of 4 images per step
+    python train.py --task 7 [--devices 2]               # the 7th entry of the sweep grid
+                                                         # (on 2 GPUs: MirroredStrategy)
     python train.py --grid [--profile quick]             # print the grid (train.sh reads it)
     python train.py --profile quick                      # every grid entry at laptop scale,
                                                          # then reproduce.py and plot.py
 
-A run NAME (e.g. gn_b32_s1) writes models/NAME.keras (the final model), models/NAME.json
-(its run record: configuration, per-epoch history, the paper's statistic, provenance) and
-logs/NAME/ (TensorBoard scalars). It checkpoints to models/checkpoints/ at every epoch end
-and, on SIGUSR1/SIGTERM, at the end of the current step, then exits with status 75;
-rerunning the same command resumes and ends with the same weights as an uninterrupted run.
+A step takes W * N images (W workers of N, --workers, --batch-size); BatchNorm normalizes
+each worker's N on its own, the gradient is over all W * N, as on the paper's 8 GPUs.
+A run NAME (e.g. bn_b4_w8_s1; gn_b32_s1 at W = 1) writes models/NAME.keras (the final
+model), models/NAME.json (its run record: configuration, per-epoch history, the paper's
+statistic, provenance) and logs/NAME/ (TensorBoard scalars). It checkpoints to
+models/checkpoints/ at every epoch end and, on SIGUSR1/SIGTERM, at the end of the current
+step, then exits with status 75; rerunning the same command resumes and ends with the same
+weights as an uninterrupted run (resumed on other --devices: up to float rounding).
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -63,7 +69,8 @@ import layer  # noqa: E402  (registers GroupNormalization for loading)
 # The recipe (Wu & He 2018, Sec. 6.1, on He et al. 2015, Sec. 4.2) and the sweep grid.
 # train.sh, the tests and the README read these; nothing copies them.
 EPOCHS = 100                # training epochs
-LR_PER_32 = 0.1             # learning rate for 32 images per worker, linear in N: 0.1 * N / 32
+LR_PER_32 = 0.1             # learning rate for 32 images per worker, linear in N: 0.1 * N / 32,
+                            #   whatever the number of workers W (the paper's rule at W = 8)
 LR_DROPS = (30, 60, 90)     # epochs (of EPOCHS) after which the learning rate is divided by 10;
 LR_DROP_FACTOR = 0.1        #   scaled proportionally when --epochs is not 100
 MOMENTUM = 0.9              # SGD momentum
@@ -77,12 +84,17 @@ IMAGES_PER_EXECUTION = 64   # images per compiled call: small batches run severa
 NORMS = ("bn", "gn")
 BATCH_SIZES = (32, 16, 8, 4, 2)   # images per worker, Figure 1's x axis
 SEEDS = (1, 2, 3)                 # three seeds, so the figure can show the spread
+WORKERS = 8                       # workers W of the default sweep, the paper's 8 GPUs: a step
+                                  #   takes W * N images, BN normalizes each N on its own
 
-# A profile scales the whole experiment; "default" is the paper's scale.
+# A profile scales the whole experiment; "default" is the paper's scale and setting.
 PROFILES = {
-    "default": dict(epochs=EPOCHS, train_images=None, test_images=None, seeds=SEEDS),
-    # Laptop scale: the whole grid (one seed) in about 20 minutes on 2 CPU cores.
-    "quick": dict(epochs=6, train_images=2000, test_images=2000, seeds=(1,)),
+    "default": dict(epochs=EPOCHS, train_images=None, test_images=None, seeds=SEEDS,
+                    workers=WORKERS),
+    # Laptop scale: the whole grid (one seed) in about 20 minutes on 2 CPU cores. W = 1 (BN
+    # over the whole step, as earlier single-device reproductions): at W = 8, 2,000 images
+    # make only 7 steps per epoch at N = 32, too few to learn anything in 6 epochs.
+    "quick": dict(epochs=6, train_images=2000, test_images=2000, seeds=(1,), workers=1),
 }
 PREEMPTED = 75              # exit status after a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL)
 # ---------------------------------------------------------------------------
@@ -95,7 +107,7 @@ class Config:
     seed: int = 1
     epochs: int = EPOCHS
     groups: int = GROUPS
-    workers: int = 1
+    workers: int = 1                  # W: a step takes W * batch_size images (see WORKERS)
     train_images: int | None = None   # class-balanced subset of the training set; None = all
     test_images: int | None = None    # class-balanced subset of the test set; None = all
     profile: str = "default"
@@ -107,6 +119,9 @@ class Config:
 
     @property
     def lr(self):
+        # Per worker: the paper's 0.1 * N / 32 at W = 8 (0.1 per 256 images, Goyal et al.'s
+        # reference), earlier reproductions' at W = 1; along Figure 1's axis, for any fixed W,
+        # the rate stays proportional to the step's W * N images (the linear scaling rule).
         return LR_PER_32 * self.batch_size / 32
 
     @property
@@ -118,8 +133,8 @@ class Config:
 def grid(profile="default"):
     """The sweep, seed-major: entries 0-9 are seed 1 (bn then gn, batch 32 to 2), and so on."""
     p = PROFILES[profile]
-    return [Config(norm=n, batch_size=b, seed=s, epochs=p["epochs"], train_images=p["train_images"],
-                   test_images=p["test_images"], profile=profile)
+    return [Config(norm=n, batch_size=b, seed=s, epochs=p["epochs"], workers=p["workers"],
+                   train_images=p["train_images"], test_images=p["test_images"], profile=profile)
             for s in p["seeds"] for n in NORMS for b in BATCH_SIZES]
 
 
@@ -131,12 +146,70 @@ def _l2():
     return keras.regularizers.L2(WEIGHT_DECAY / 2)
 
 
-def _norm(norm, groups, zero_gamma, name):
+@keras.saving.register_keras_serializable(package="train")
+class WorkerBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNorm as on `workers` workers that do not synchronize their statistics (the paper's
+    BN: each of its 8 GPUs normalizes its own N images).
+
+    Training: the batch is cut into `workers` equal consecutive slices, each normalized with
+    its own mean and variance; the moving mean and variance are updated (with `momentum`)
+    from the mean over the slices of the per-slice mean and (biased, as Keras' BN) variance,
+    i.e. the average of what the workers' own moving averages would be. The update is linear
+    in the statistics, so on K devices, each holding W / K slices, the cross-replica mean of
+    the K updates is the same update. Inference: BatchNormalization, moving statistics.
+    """
+
+    def __init__(self, workers, **kwargs):
+        if kwargs.get("axis", -1) != -1:
+            raise ValueError(f"WorkerBatchNormalization normalizes the last axis (channels last), "
+                             f"got axis={kwargs['axis']!r}")
+        super().__init__(**kwargs)
+        check_workers(workers)
+        self.workers = workers
+
+    def add_weight(self, *args, **kwargs):
+        # Keras' BN leaves aggregation "none": under MirroredStrategy the moving statistics
+        # would then keep one replica's update and drop the others' slices; "mean" averages them.
+        if not kwargs.get("trainable", True):
+            kwargs["aggregation"] = "mean"
+        return super().add_weight(*args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or self.workers == 1:
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None:
+            raise ValueError(f"{self.name}: masks are not supported with several workers")
+        batch = inputs.shape[0]
+        if batch is not None and batch % self.workers:
+            raise ValueError(f"{self.name}: a training batch of {batch} images cannot be cut "
+                             f"into {self.workers} equal worker slices")
+        ops = keras.ops
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))   # as Keras' BN
+        slices = ops.reshape(x, (self.workers, -1, *x.shape[1:]))   # (W, N, H, W, C)
+        axes = list(range(1, len(slices.shape) - 1))
+        mean, variance = ops.moments(slices, axes=axes, keepdims=True)
+        gamma, beta = (ops.cast(v, x.dtype) if on else None
+                       for v, on in ((self.gamma, self.scale), (self.beta, self.center)))
+        y = ops.batch_normalization(slices, mean, variance, axis=-1, offset=beta, scale=gamma,
+                                    epsilon=self.epsilon)
+        for moving, stat in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            stat = ops.mean(ops.reshape(stat, (self.workers, -1)), axis=0)
+            moving.assign(moving * self.momentum + stat * (1.0 - self.momentum))
+        return ops.cast(ops.reshape(y, ops.shape(x)), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "workers": self.workers}
+
+
+def _norm(norm, groups, slices, zero_gamma, name):
+    """slices: BN's worker slices per device; None for Keras' own BN (W = 1, one device),
+    so that such models need nothing of this file to load."""
     gamma = "zeros" if zero_gamma else "ones"
     if norm == "bn":
-        return keras.layers.BatchNormalization(
-            momentum=BN_MOMENTUM, epsilon=EPSILON, gamma_initializer=gamma,
-            gamma_regularizer=_l2(), beta_regularizer=_l2(), name=name)
+        kind, extra = ((keras.layers.BatchNormalization, {}) if slices is None
+                       else (WorkerBatchNormalization, dict(workers=slices)))
+        return kind(momentum=BN_MOMENTUM, epsilon=EPSILON, gamma_initializer=gamma,
+                    gamma_regularizer=_l2(), beta_regularizer=_l2(), name=name, **extra)
     return layer.GroupNormalization(
         groups=groups, epsilon=EPSILON, gamma_initializer=gamma,
         gamma_regularizer=_l2(), beta_regularizer=_l2(), name=name)
@@ -154,16 +227,16 @@ def _he():
     return keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
 
 
-def _block(x, filters, strides, norm, groups, name):
+def _block(x, filters, strides, norm_layer, name):
     """Basic block: conv-norm-ReLU-conv-norm, add the shortcut, ReLU."""
     y = _conv(filters, 3, strides, f"{name}_conv1")(x)
-    y = _norm(norm, groups, False, f"{name}_norm1")(y)
+    y = norm_layer(False, f"{name}_norm1")(y)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
     y = _conv(filters, 3, 1, f"{name}_conv2")(y)
-    y = _norm(norm, groups, True, f"{name}_norm2")(y)   # gamma = 0: the block starts as identity
+    y = norm_layer(True, f"{name}_norm2")(y)   # gamma = 0: the block starts as identity
     if strides != 1 or x.shape[-1] != filters:
         x = _conv(filters, 1, strides, f"{name}_proj")(x)   # 1x1 projection where the shape changes
-        x = _norm(norm, groups, False, f"{name}_proj_norm")(x)
+        x = norm_layer(False, f"{name}_proj_norm")(x)
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([x, y]))
 
 
@@ -173,30 +246,52 @@ def check_groups(groups):
                          f"i.e. be 1, 2, 4, 8 or 16; got {groups!r}")
 
 
-def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape=(32, 32, 3)):
-    """ResNet-(6n+2) for CIFAR: 3 stages of n basic blocks with 16, 32, 64 filters."""
+def _positive(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_workers(workers, devices=1):
+    if not _positive(workers):
+        raise ValueError(f"workers should be a positive integer (1 = BatchNorm over the whole "
+                         f"batch), got {workers!r}")
+    if not _positive(devices) or workers % devices:
+        raise ValueError(f"devices should be a positive integer that divides workers = {workers} "
+                         f"(each device holds workers / devices of them), got {devices!r}")
+
+
+def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape=(32, 32, 3),
+                 workers=1, devices=1):
+    """ResNet-(6n+2) for CIFAR: 3 stages of n basic blocks with 16, 32, 64 filters.
+
+    workers: W; in training, BN normalizes each of W equal slices of the step's batch on its
+    own (WorkerBatchNormalization). devices: K, when the model is to be trained under a
+    MirroredStrategy of K replicas, each of which sees W / K slices. Inference ignores both;
+    GN ignores both (it is per image).
+    """
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth should be 6n+2 (20, 32, 44, ...), got {depth!r}")
     if norm not in NORMS:
         raise ValueError(f"norm should be one of {NORMS}, got {norm!r}")
     if norm == "gn":
         check_groups(groups)
+    check_workers(workers, devices)
+    norm_layer = functools.partial(_norm, norm, groups, workers // devices if workers > 1 else None)
     inputs = keras.Input(input_shape, name="image")
     x = _conv(16, 3, 1, "stem_conv")(inputs)
-    x = keras.layers.ReLU(name="stem_relu")(_norm(norm, groups, False, "stem_norm")(x))
+    x = keras.layers.ReLU(name="stem_relu")(norm_layer(False, "stem_norm")(x))
     for stage, filters in enumerate((16, 32, 64)):
         for block in range((depth - 2) // 6):
             strides = 2 if stage > 0 and block == 0 else 1
-            x = _block(x, filters, strides, norm, groups, f"stage{stage + 1}_block{block + 1}")
+            x = _block(x, filters, strides, norm_layer, f"stage{stage + 1}_block{block + 1}")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(num_classes, kernel_initializer=_he(), kernel_regularizer=_l2(),
                                  bias_regularizer=_l2(), name="logits")(x)
     return keras.Model(inputs, outputs, name=f"resnet{depth}_{norm}")
 
 
-def build_resnet20(norm="bn", groups=GROUPS, **kwargs):
+def build_resnet20(norm="bn", groups=GROUPS, workers=1, **kwargs):
     """ResNet-20 (0.27M parameters): the model of the sweep, uncompiled."""
-    return build_resnet(20, norm=norm, groups=groups, **kwargs)
+    return build_resnet(20, norm=norm, groups=groups, workers=workers, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +335,7 @@ def evaluate(model, data):
     return float(loss), float(100 * np.mean(logits.argmax(axis=1) != y))
 
 
-def compile_model(model, cfg, steps_per_epoch):
+def compile_model(model, cfg, steps_per_epoch, devices=1):
     # Boundaries are in optimizer steps; the first step of epoch d already uses the new rate.
     boundaries = [d * steps_per_epoch - 1 for d in cfg.lr_drops]
     values = [cfg.lr * LR_DROP_FACTOR ** i for i in range(len(boundaries) + 1)]
@@ -250,8 +345,53 @@ def compile_model(model, cfg, steps_per_epoch):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce"),
                  keras.metrics.SparseCategoricalAccuracy(name="acc")],
-        steps_per_execution=max(1, IMAGES_PER_EXECUTION // (cfg.batch_size * cfg.workers)))
+        # Several steps per call fail under MirroredStrategy in Keras 3.15 ("You must feed a
+        # value for placeholder tensor"): one step per call on several devices.
+        steps_per_execution=max(1, IMAGES_PER_EXECUTION // (cfg.batch_size * cfg.workers))
+        if devices == 1 else 1)
     model.optimizer.build(model.trainable_variables)
+
+
+# ---------------------------------------------------------------------------
+# Devices: one, or several through TensorFlow's MirroredStrategy.
+
+def pick_devices(workers, devices=None):
+    """Names of the run's K devices: `devices` of them, else the most visible GPUs dividing W.
+
+    Each holds W / K of a step's worker slices. Without GPUs they are the CPU's logical
+    devices: one, unless the process split the CPU before TensorFlow started (the tests do).
+    """
+    import tensorflow as tf
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    visible = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
+    if devices is None:
+        devices = max(k for k in range(1, len(gpus) + 1) if workers % k == 0) if gpus else 1
+        if devices < len(gpus):
+            print(f"note: {len(gpus)} GPUs visible; W = {workers} workers use {devices} "
+                  f"(K devices must divide W)", flush=True)
+    if workers % devices:
+        raise SystemExit(f"error: --devices {devices} should divide the workers W = {workers}")
+    if devices > len(visible):
+        raise SystemExit(f"error: --devices {devices}, but {len(visible)} device(s) visible: "
+                         f"{', '.join(visible)}")
+    return visible[:devices]
+
+
+def strategy_for(names):
+    """MirroredStrategy over several devices; TensorFlow's default (no-op) strategy on one."""
+    import tensorflow as tf
+    return tf.distribute.MirroredStrategy(names) if len(names) > 1 else tf.distribute.get_strategy()
+
+
+def single_device_copy(model, cfg, steps_per_epoch):
+    """The model as one device holds it (W slices, not W / K), optimizer state included:
+    what is saved, so that a saved model does not depend on the run's devices."""
+    copy = build_resnet20(cfg.norm, cfg.groups, cfg.workers)
+    compile_model(copy, cfg, steps_per_epoch)
+    copy.set_weights(model.get_weights())
+    for target, source in zip(copy.optimizer.variables, model.optimizer.variables):
+        target.assign(np.asarray(source))
+    return copy
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +562,7 @@ def provenance():
     return {"git_commit": commit, "versions": versions, "host": platform.node()}
 
 
-def finish(paths, model, data, cfg, state):
+def finish(paths, model, data, cfg, state, devices):
     test_loss, test_error = evaluate(model, data)
     record = {
         "name": cfg.name, "status": "finished",
@@ -442,9 +582,13 @@ def finish(paths, model, data, cfg, state):
         "data": {"checksum": data.checksum, "source": data.source, "official": data.official,
                  "train_images": len(data.y_train), "test_images": len(data.y_test)},
         "resumed": state["resumed"],
+        "devices": devices,   # the last session's: a resumed run may have changed them
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance(),
     }
+    if len(devices) > 1:
+        steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
+        model = single_device_copy(model, cfg, steps)
     _atomic(paths.model, lambda tmp: model.save(tmp))
     write_json(paths.record, record)
     paths.checkpoint.unlink(missing_ok=True)
@@ -454,8 +598,11 @@ def finish(paths, model, data, cfg, state):
 
 
 def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False, progress=None,
-          stop=None):
-    """Run (or resume) one configuration; return the process exit status (0, or PREEMPTED)."""
+          stop=None, devices=None):
+    """Run (or resume) one configuration; return the process exit status (0, or PREEMPTED).
+
+    devices: K, to train on K devices (see pick_devices); the result is the same experiment.
+    """
     paths = Paths(models_dir, logs_dir, cfg.name)
     if not force and finished_record(paths, cfg):
         print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
@@ -463,21 +610,27 @@ def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False,
     progress = sys.stdout.isatty() if progress is None else progress
     if stop is None:
         with StopOnSignal() as stop:
-            return _train(cfg, paths, data_dir, force, progress, stop)
-    return _train(cfg, paths, data_dir, force, progress, stop)
+            return _train(cfg, paths, data_dir, force, progress, stop, devices)
+    return _train(cfg, paths, data_dir, force, progress, stop, devices)
 
 
-def _train(cfg, paths, data_dir, force, progress, stop):
+def _train(cfg, paths, data_dir, force, progress, stop, devices=None):
     import tensorflow as tf
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
+    names = pick_devices(cfg.workers, devices)   # before the data: a wrong --devices fails fast
     data = prepare_data(data_dir, cfg.train_images, cfg.test_images)
     steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
     if not data.official:
         print(f"note: {data.source} is not the official 50,000 + 10,000 images; this run trains on "
               f"{len(data.y_train)} and tests on {len(data.y_test)} (recorded in the run record)")
-    model = build_resnet20(cfg.norm, cfg.groups)
-    compile_model(model, cfg, steps)
+    if len(names) > 1:
+        print(f"{cfg.name}: MirroredStrategy over {', '.join(names)}, "
+              f"{cfg.workers // len(names)} worker(s) of {cfg.batch_size} images on each",
+              flush=True)
+    with strategy_for(names).scope():   # variables mirrored on every device
+        model = build_resnet20(cfg.norm, cfg.groups, cfg.workers, devices=len(names))
+        compile_model(model, cfg, steps, devices=len(names))
     if force:
         paths.checkpoint.unlink(missing_ok=True)
     state = load_checkpoint(paths, model, cfg)
@@ -500,7 +653,7 @@ def _train(cfg, paths, data_dir, force, progress, stop):
             print(f"{cfg.name}: checkpointed at epoch {state['epoch'] + 1}, step {state['step']} "
                   f"({paths.checkpoint}); exiting with status {PREEMPTED}", flush=True)
             return PREEMPTED
-    finish(paths, model, data, cfg, state)
+    finish(paths, model, data, cfg, state, names)
     return 0
 
 
@@ -510,7 +663,7 @@ def _train(cfg, paths, data_dir, force, progress, stop):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:8]))
+                                epilog="\n".join(__doc__.splitlines()[2:10]))
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
@@ -520,6 +673,9 @@ def parse_args(argv=None):
     run = p.add_argument_group("one run (override the profile's or the grid entry's settings)")
     run.add_argument("--norm", choices=NORMS)
     run.add_argument("--batch-size", type=int, help="images per worker, N")
+    run.add_argument("--workers", type=int,
+                     help=f"W workers of N images per step, BN statistics per worker "
+                          f"(default: the profile's; {WORKERS} at the paper's scale)")
     run.add_argument("--seed", type=int)
     run.add_argument("--epochs", type=int, help=f"training epochs (default {EPOCHS})")
     run.add_argument("--groups", type=int, help=f"GroupNorm groups (default {GROUPS})")
@@ -534,9 +690,13 @@ def parse_args(argv=None):
     io.add_argument("--plot", default="plot.png", help="(whole profile) figure file")
     io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
                                     "e.g. 'CIFAR-10 (JPEG copy)'")
+    p.add_argument("--devices", type=int,
+                   help="K devices (GPUs) under tf.distribute.MirroredStrategy, each holding W / K "
+                        "workers: the same experiment (default: as many visible GPUs as divide W)")
     p.add_argument("--force", action="store_true", help="retrain a finished run, drop a checkpoint")
     args = p.parse_args(argv)
-    for name in ("batch_size", "epochs", "groups", "train_images", "test_images"):
+    for name in ("batch_size", "workers", "devices", "epochs", "groups", "train_images",
+                 "test_images"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -556,30 +716,36 @@ def resolve(p, args):
         if args.norm is None or args.batch_size is None:
             p.error("give --norm and --batch-size (and --seed), or --task I, or --profile alone")
         cfg = replace(entries[0], seed=PROFILES[profile]["seeds"][0])
-    overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "seed", "epochs", "groups",
-                                               "train_images", "test_images")
+    overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "workers", "seed", "epochs",
+                                               "groups", "train_images", "test_images")
                  if getattr(args, k) is not None}
     cfg = replace(cfg, **overrides)
     try:
         check_groups(cfg.groups)
     except ValueError as e:
         p.error(f"--groups: {e}")
+    if args.devices and cfg.workers % args.devices:
+        p.error(f"--devices {args.devices} should divide the workers W = {cfg.workers} "
+                f"(each device holds W / K workers)")
     return cfg
 
 
 def print_grid(profile):
     entries = grid(profile)
     print(f"# {len(entries)} runs, profile {profile} "
-          f"({len(PROFILES[profile]['seeds'])} seeds x {len(NORMS)} norms x {len(BATCH_SIZES)} batch sizes)")
+          f"({len(PROFILES[profile]['seeds'])} seeds x {len(NORMS)} norms x "
+          f"{len(BATCH_SIZES)} batch sizes, {PROFILES[profile]['workers']} workers)")
     for i, c in enumerate(entries):
-        print(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} --seed {c.seed}")
+        print(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} --workers {c.workers} "
+              f"--seed {c.seed}")
 
 
 def run_profile(args, stop=None):
     """Every grid entry of the profile, then reproduce.py and plot.py (the main job)."""
     start = time.perf_counter()
     for cfg in grid(args.profile):
-        code = train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop)
+        code = train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop,
+                     devices=args.devices)
         if code:
             return code
     here = Path(__file__).resolve().parent
@@ -606,7 +772,8 @@ def main(argv=None, stop=None):
     if args.profile and all(getattr(args, k) is None for k in singles):
         return run_profile(args, stop)
     cfg = resolve(p, args)
-    return train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop)
+    return train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop,
+                 devices=args.devices)
 
 
 if __name__ == "__main__":

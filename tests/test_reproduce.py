@@ -13,7 +13,7 @@ import plot
 import reproduce
 import train
 
-RUN = ["--batch-size", "8", "--seed", "1", "--epochs", "2", "--train-images", "200"]
+RUN = ["--batch-size", "8", "--workers", "1", "--seed", "1", "--epochs", "2", "--train-images", "200"]
 
 
 def run_main(main, argv):

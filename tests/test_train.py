@@ -113,7 +113,7 @@ def test_learning_rate_rule_and_schedule():
 def test_grid_is_seed_major():
     entries = train.grid()
     assert len(entries) == 30 and len({c.name for c in entries}) == 30
-    assert [c.name for c in entries[:10]] == [f"{n}_b{b}_s1" for n in ("bn", "gn")
+    assert [c.name for c in entries[:10]] == [f"{n}_b{b}_w8_s1" for n in ("bn", "gn")
                                               for b in (32, 16, 8, 4, 2)]
     assert {c.seed for c in entries[10:20]} == {2} and all(c.epochs == 100 for c in entries)
     quick = train.grid("quick")
@@ -128,8 +128,8 @@ def run_train(*args, **kwargs):
 def test_grid_cli_lists_the_grid():
     out = run_train("--grid").stdout.splitlines()
     assert out[0].startswith("# 30 runs")
-    assert out[1] == "0 bn_b32_s1 --norm bn --batch-size 32 --seed 1"
-    assert out[-1] == "29 gn_b2_s3 --norm gn --batch-size 2 --seed 3"
+    assert out[1] == "0 bn_b32_w8_s1 --norm bn --batch-size 32 --workers 8 --seed 1"
+    assert out[-1] == "29 gn_b2_w8_s3 --norm gn --batch-size 2 --workers 8 --seed 3"
 
 
 def test_task_selects_grid_entry_and_overrides():
@@ -151,7 +151,7 @@ def test_cli_errors(args, message):
 
 # --- one run end to end ----------------------------------------------------------------
 
-RUN = ["--norm", "gn", "--batch-size", "4", "--seed", "3", "--epochs", "3"]
+RUN = ["--norm", "gn", "--batch-size", "4", "--workers", "1", "--seed", "3", "--epochs", "3"]
 
 
 def run_args(cifar_dir, root, models="models"):
@@ -309,7 +309,8 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 def test_learns_on_the_jpeg_copy_of_cifar10(jpeg_cifar_dir, tmp_path):
     """3 epochs of BN at batch 32 on 5,000 real images: well under chance (90 %) error."""
-    result = run_train("--norm", "bn", "--batch-size", "32", "--epochs", "3", "--train-images", "5000",
+    result = run_train("--norm", "bn", "--batch-size", "32", "--workers", "1", "--epochs", "3",
+                       "--train-images", "5000",
                        "--data-dir", jpeg_cifar_dir, "--models-dir", tmp_path / "m",
                        "--logs-dir", tmp_path / "l")
     assert result.returncode == 0, result.stderr[-3000:]

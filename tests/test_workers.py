@@ -1,0 +1,284 @@
+"""The paper's batch size per worker: W simulated workers in one model (WorkerBatchNormalization),
+and K devices under TensorFlow's MirroredStrategy giving the same experiment."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+import keras  # noqa: E402
+import train  # noqa: E402
+
+
+def randomize(model, seed=0):
+    """Non-trivial gamma, beta and moving statistics (the builder's zero gammas would hide a
+    wrong normalization in half the blocks)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for v in model.weights:
+        w = v.numpy()
+        if v.path.endswith(("gamma", "beta", "moving_mean")):
+            w = rng.normal(0, 0.5, w.shape)
+        elif v.path.endswith("moving_variance"):
+            w = rng.uniform(0.5, 2, w.shape)
+        values.append(w.astype(np.float32))
+    model.set_weights(values)
+
+
+def images(n, seed=1):
+    return np.random.default_rng(seed).normal(size=(n, 32, 32, 3)).astype(np.float32)
+
+
+def moving(model):
+    return {v.path: v.numpy() for v in model.non_trainable_weights}
+
+
+# --- the layer -------------------------------------------------------------------------
+
+def test_worker_bn_matches_a_float64_reference():
+    workers, momentum, eps = 4, 0.9, 1e-5
+    rng = np.random.default_rng(0)
+    x = rng.normal(2, 3, (8, 3, 3, 5)).astype(np.float32)
+    bn = train.WorkerBatchNormalization(workers=workers, momentum=momentum, epsilon=eps)
+    bn.build(x.shape)
+    gamma, beta, mean0, var0 = (rng.normal(0, 1, 5), rng.normal(0, 1, 5),
+                                rng.normal(0, 1, 5), rng.uniform(0.5, 2, 5))
+    bn.set_weights([a.astype(np.float32) for a in (gamma, beta, mean0, var0)])
+    y = bn(x, training=True).numpy()
+
+    s = x.astype(np.float64).reshape(workers, -1, 3, 3, 5)
+    mu, var = s.mean(axis=(1, 2, 3), keepdims=True), s.var(axis=(1, 2, 3), keepdims=True)
+    want = ((s - mu) / np.sqrt(var + eps) * gamma + beta).reshape(x.shape)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    # Moving statistics: updated from the mean over the slices of the per-slice statistics.
+    np.testing.assert_allclose(bn.moving_mean.numpy(),
+                               momentum * mean0 + (1 - momentum) * mu.mean(axis=0).ravel(), atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(),
+                               momentum * var0 + (1 - momentum) * var.mean(axis=0).ravel(), atol=1e-6)
+    # Inference: the moving statistics, whatever the batch.
+    after_mean, after_var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    np.testing.assert_allclose(bn(x[:3], training=False).numpy(),
+                               (x[:3] - after_mean) / np.sqrt(after_var + eps) * gamma + beta,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_two_workers_on_a_concatenation_equal_one_worker_on_each_half(norm):
+    a, b = images(4, seed=1), images(4, seed=2)
+    one = train.build_resnet20(norm)
+    randomize(one)
+    start = one.get_weights()
+    out_a = one(a, training=True).numpy()
+    moved_a = moving(one)
+    one.set_weights(start)
+    out_b = one(b, training=True).numpy()
+    moved_b = moving(one)
+
+    two = train.build_resnet20(norm, workers=2)
+    two.set_weights(start)
+    out = two(np.concatenate([a, b]), training=True).numpy()
+    np.testing.assert_array_equal(out, np.concatenate([out_a, out_b]))
+    # and the moving statistics move by the mean of the two workers' updates
+    for path, value in moving(two).items():
+        np.testing.assert_allclose(value, (moved_a[path] + moved_b[path]) / 2, atol=1e-6)
+    if norm == "bn":
+        assert moving(two) and not np.allclose(out, one(np.concatenate([a, b]), training=True))
+
+
+def test_inference_does_not_depend_on_workers_or_devices():
+    x = images(6)   # not a multiple of 4: inference never slices
+    reference = train.build_resnet20("bn")
+    randomize(reference)
+    want, want_compiled = reference(x, training=False).numpy(), reference.predict(x, verbose=0)
+    for workers, devices in ((2, 1), (4, 1), (4, 2), (8, 8)):
+        model = train.build_resnet20("bn", workers=workers, devices=devices)
+        model.set_weights(reference.get_weights())
+        np.testing.assert_array_equal(model(x, training=False).numpy(), want)
+        np.testing.assert_array_equal(model.predict(x, verbose=0), want_compiled)
+
+
+def test_builder_layers_per_device():
+    def kinds(model):
+        return {(type(l).__name__, getattr(l, "workers", None)) for l in model.layers
+                if isinstance(l, keras.layers.BatchNormalization)}
+    assert kinds(train.build_resnet20("bn")) == {("BatchNormalization", None)}
+    assert kinds(train.build_resnet20("bn", workers=8)) == {("WorkerBatchNormalization", 8)}
+    assert kinds(train.build_resnet20("bn", workers=8, devices=2)) == {("WorkerBatchNormalization", 4)}
+    # one slice per device is still the worker layer: its moving statistics are averaged
+    # over the devices, where Keras' BN would keep one device's
+    assert kinds(train.build_resnet20("bn", workers=2, devices=2)) == {("WorkerBatchNormalization", 1)}
+    bn = train.build_resnet20("bn", workers=2, devices=2).get_layer("stem_norm")
+    assert {v.aggregation for v in bn.non_trainable_weights} == {"mean"}
+    assert sum(int(np.prod(w.shape)) for w in train.build_resnet20("bn", workers=8).trainable_weights) \
+        == 272_474
+
+
+def test_saved_worker_model_loads_in_safe_mode(tmp_path):
+    import reproduce
+    model = train.build_resnet20("bn", workers=4)
+    randomize(model)
+    model.save(tmp_path / "m.keras")
+    loaded = reproduce.load_model(tmp_path / "m.keras")   # safe_mode=True, as reproduce.py does
+    assert loaded.get_layer("stem_norm").workers == 4
+    x = images(8)
+    np.testing.assert_array_equal(loaded(x, training=True).numpy(), model(x, training=True).numpy())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(workers=0), "workers should be a positive integer"),
+    (dict(workers=True), "workers should be a positive integer"),
+    (dict(workers="2"), "workers should be a positive integer"),
+    (dict(workers=4, devices=3), "devices should be a positive integer that divides workers = 4"),
+    (dict(workers=4, devices=0), "devices should be a positive integer that divides"),
+])
+def test_builder_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.build_resnet20("bn", **kwargs)
+
+
+def test_layer_errors():
+    with pytest.raises(ValueError, match="cannot be cut into 3 equal worker slices"):
+        train.WorkerBatchNormalization(workers=3)(np.zeros((4, 2, 2, 3), np.float32), training=True)
+    with pytest.raises(ValueError, match="channels last"):
+        train.WorkerBatchNormalization(workers=2, axis=1)
+
+
+# --- the recipe, the grid and the command line ---------------------------------------
+
+def test_default_sweep_is_the_papers_eight_workers():
+    assert train.WORKERS == 8 and train.PROFILES["default"]["workers"] == train.WORKERS
+    entries = train.grid()
+    assert {c.workers for c in entries} == {8}
+    assert [c.name for c in entries[:10]] == [f"{n}_b{b}_w8_s1" for n in ("bn", "gn")
+                                              for b in (32, 16, 8, 4, 2)]
+    quick = train.PROFILES["quick"]["workers"]
+    assert {c.workers for c in train.grid("quick")} == {quick}
+
+
+def test_learning_rate_is_per_worker_whatever_w():
+    for workers in (1, 2, 8):
+        assert [train.Config(batch_size=n, workers=workers).lr for n in (32, 4, 2)] == \
+            [0.1, 0.0125, 0.00625]
+
+
+def test_step_takes_w_times_n_images():
+    cfg = train.Config(norm="bn", batch_size=4, workers=8)
+    model = train.build_resnet20("bn", workers=8)
+    train.compile_model(model, cfg, steps_per_epoch=10)
+    assert model.steps_per_execution == 2   # 64 images per call: 2 steps of 32
+    train.compile_model(model, cfg, steps_per_epoch=10, devices=2)
+    assert model.steps_per_execution == 1
+
+
+def resolve(*argv):
+    p, args = train.parse_args(list(argv))
+    return train.resolve(p, args)
+
+
+def test_cli_workers():
+    assert resolve("--task", "3").workers == 8
+    assert resolve("--task", "3", "--workers", "2").name == "bn_b4_w2_s1"
+    assert resolve("--norm", "gn", "--batch-size", "4").name == "gn_b4_w8_s1"
+    assert resolve("--norm", "gn", "--batch-size", "4", "--workers", "1").name == "gn_b4_s1"
+    assert resolve("--profile", "quick", "--task", "0").workers == train.PROFILES["quick"]["workers"]
+    assert resolve("--task", "3", "--devices", "4").workers == 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "3", "--workers", "0"], "--workers must be a positive integer"),
+    (["--task", "3", "--devices", "0"], "--devices must be a positive integer"),
+    (["--task", "3", "--devices", "3"], "--devices 3 should divide the workers W = 8"),
+    (["--task", "3", "--workers", "1", "--devices", "2"], "--devices 2 should divide the workers W = 1"),
+])
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        resolve(*argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_more_devices_than_visible_is_a_clear_error():
+    with pytest.raises(SystemExit, match=r"--devices 2, but 1 device\(s\) visible"):
+        train.pick_devices(2, 2)
+    assert len(train.pick_devices(8)) == 1   # no GPU here: one device
+
+
+def test_figure_says_how_many_workers(tmp_path, monkeypatch):
+    import pandas as pd
+    import plot
+    figures = []
+    monkeypatch.setattr(plot, "save_atomic", lambda fig, out: figures.append(fig))
+    df = pd.DataFrame([dict(norm=n, groups=8, batch_size=b, workers=8, seed=1, epochs=2,
+                            test_error=10.0, median_last5_error=10.0)
+                       for n in ("bn", "gn") for b in (32, 2)])
+    plot.plot_figure1(df, tmp_path / "plot.png")
+    assert [ax.get_title() for ax in figures[0].axes] == [
+        "CIFAR-10, ResNet-20, 8 workers (this reproduction)",
+        "ImageNet, ResNet-50, 8 workers (paper, Table 2)"]
+
+
+# --- several devices: MirroredStrategy on the CPU split in two -------------------------
+
+# Logical devices must exist before TensorFlow starts: a process of its own. Two runs of
+# W = 4 workers of N = 2 images, one step per epoch (10 training images), two epochs: on one
+# device; and on two, stopped after epoch 1 and resumed.
+SCRIPT = """
+import glob
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import train
+cifar, root = sys.argv[1:]
+run = ["--norm", "bn", "--batch-size", "2", "--workers", "4", "--epochs", "2", "--train-images",
+       "10", "--test-images", "10", "--data-dir", cifar, "--logs-dir", root + "/logs"]
+
+class AfterFirstCheckpoint:   # a stop request that arrives with epoch 1's checkpoint
+    requested = property(lambda self: bool(glob.glob(root + "/two/checkpoints/*.npz")))
+
+assert train.main([*run, "--devices", "1", "--models-dir", root + "/one"]) == 0
+two = [*run, "--devices", "2", "--models-dir", root + "/two"]
+assert train.main(two, stop=AfterFirstCheckpoint()) == train.PREEMPTED
+sys.exit(train.main(two))
+"""
+
+
+@pytest.fixture(scope="module")
+def mirrored(cifar_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mirrored")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(cifar_dir), str(root)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, result.stdout
+
+
+def saved(root, folder):
+    path = root / folder / "bn_b2_w4_s1"
+    return keras.models.load_model(f"{path}.keras"), json.loads(path.with_suffix(".json").read_text())
+
+
+def test_two_devices_resumed_give_the_weights_of_one(mirrored):
+    root, out = mirrored
+    assert "MirroredStrategy over /device:CPU:0, /device:CPU:1, 2 worker(s) of 2 images" in out
+    assert "checkpointed at epoch 2, step 0" in out and "resuming at epoch 2, step 0" in out
+    (one, one_record), (two, two_record) = saved(root, "one"), saved(root, "two")
+    assert len(one_record["devices"]) == 1 and len(two_record["devices"]) == 2
+    assert one_record["config"]["run"] == two_record["config"]["run"] and two_record["resumed"] == 1
+    # Moving statistics included (Keras' own BN would keep one device's: off by ~1e-2), and
+    # optimizer state (momentum, step count) restored on two devices (else off by ~1e-3).
+    for v1, v2 in zip(one.weights, two.weights):
+        np.testing.assert_allclose(v1.numpy(), v2.numpy(), atol=1e-6, err_msg=v1.path)
+    assert not np.allclose(one.get_layer("stem_norm").moving_mean.numpy(), 0)
+    # saved as one device holds it, whatever the run's devices
+    assert two.get_layer("stem_norm").workers == 4
+
+
+def test_results_row_carries_workers(mirrored):
+    import reproduce
+    root, _ = mirrored
+    path = root / "one" / "bn_b2_w4_s1.keras"
+    record = reproduce.read_record(path)
+    row = reproduce.make_row(record, path, record["test_loss"], record["test_error"], record["params"])
+    assert (row["norm"], row["batch_size"], row["workers"]) == ("bn", 2, 4)

@@ -18,6 +18,7 @@ step, then exits with status 75; rerunning the same command resumes and ends wit
 weights as an uninterrupted run (resumed on other --devices: up to float rounding).
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -80,6 +81,11 @@ BN_MOMENTUM = 0.9           # BN moving-average momentum (torch's 0.1 in Keras' 
 EPSILON = 1e-5              # BN and GN epsilon, as in the paper's implementation and torch
 EVAL_BATCH_SIZE = 1000      # evaluation batch (inference mode, so it does not change the result)
 IMAGES_PER_EXECUTION = 64   # images per compiled call: small batches run several steps per call
+THREADS = 1                 # TensorFlow intra-op threads per process (0: one per core): on a CPU,
+                            #   small batches are op-overhead bound, and one thread halves their
+                            #   CPU time per image (python bench.py train); more cores serve
+                            #   more runs at once (train.sh's array tasks). Fixed, so that a
+                            #   result does not depend on the machine's core count.
 
 NORMS = ("bn", "gn")
 BATCH_SIZES = (32, 16, 8, 4, 2)   # images per worker, Figure 1's x axis
@@ -111,6 +117,8 @@ class Config:
     train_images: int | None = None   # class-balanced subset of the training set; None = all
     test_images: int | None = None    # class-balanced subset of the test set; None = all
     profile: str = "default"
+    jit_compile: bool = False         # XLA (GPU option; Keras' "auto" would turn it on there)
+    mixed_precision: bool = False     # mixed_float16 (GPU option; GN and BN keep float32 stats)
 
     @property
     def name(self):
@@ -285,13 +293,32 @@ def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape
             x = _block(x, filters, strides, norm_layer, f"stage{stage + 1}_block{block + 1}")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(num_classes, kernel_initializer=_he(), kernel_regularizer=_l2(),
-                                 bias_regularizer=_l2(), name="logits")(x)
+                                 bias_regularizer=_l2(), name="logits",
+                                 dtype="float32")(x)   # float32 logits under mixed precision
     return keras.Model(inputs, outputs, name=f"resnet{depth}_{norm}")
 
 
 def build_resnet20(norm="bn", groups=GROUPS, workers=1, **kwargs):
     """ResNet-20 (0.27M parameters): the model of the sweep, uncompiled."""
     return build_resnet(20, norm=norm, groups=groups, workers=workers, **kwargs)
+
+
+@contextlib.contextmanager
+def dtype_policy(cfg):
+    """Keras' global dtype policy while cfg's model is built: mixed_float16 with
+    --mixed-precision (compile then adds loss scaling), float32 otherwise."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_model(cfg, devices=1):
+    """cfg's ResNet-20, in cfg's precision, for `devices` devices (see build_resnet)."""
+    with dtype_policy(cfg):
+        return build_resnet20(cfg.norm, cfg.groups, cfg.workers, devices=devices)
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +375,10 @@ def compile_model(model, cfg, steps_per_epoch, devices=1):
         # Several steps per call fail under MirroredStrategy in Keras 3.15 ("You must feed a
         # value for placeholder tensor"): one step per call on several devices.
         steps_per_execution=max(1, IMAGES_PER_EXECUTION // (cfg.batch_size * cfg.workers))
-        if devices == 1 else 1)
+        if devices == 1 else 1,
+        # Off unless asked: Keras' "auto" means XLA on a GPU and none on a CPU, and on 2 CPU
+        # cores XLA made the training step slower (`python bench.py train --jit-compile`).
+        jit_compile=cfg.jit_compile)
     model.optimizer.build(model.trainable_variables)
 
 
@@ -386,7 +416,7 @@ def strategy_for(names):
 def single_device_copy(model, cfg, steps_per_epoch):
     """The model as one device holds it (W slices, not W / K), optimizer state included:
     what is saved, so that a saved model does not depend on the run's devices."""
-    copy = build_resnet20(cfg.norm, cfg.groups, cfg.workers)
+    copy = build_model(cfg)
     compile_model(copy, cfg, steps_per_epoch)
     copy.set_weights(model.get_weights())
     for target, source in zip(copy.optimizer.variables, model.optimizer.variables):
@@ -545,6 +575,18 @@ def median_last5(history):
     return float(statistics.median(e["test_error"] for e in history[-5:]))
 
 
+def set_threads(threads):
+    """TensorFlow's intra-op threads (0: its default, one per core). Only before TensorFlow
+    starts: after that (an in-process caller), it keeps its setting and says so."""
+    import tensorflow as tf
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        print(f"note: TensorFlow already runs in this process with "
+              f"{tf.config.threading.get_intra_op_parallelism_threads()} intra-op threads "
+              f"(0: one per core), not --threads {threads}", file=sys.stderr)
+
+
 def provenance():
     repo = Path(__file__).resolve().parent
     try:
@@ -559,7 +601,9 @@ def provenance():
     versions = {"python": platform.python_version(), "keras": keras.__version__,
                 "backend": keras.backend.backend(), "tensorflow": tf.__version__,
                 "numpy": np.__version__}
-    return {"git_commit": commit, "versions": versions, "host": platform.node()}
+    return {"git_commit": commit, "versions": versions, "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
 
 
 def finish(paths, model, data, cfg, state, devices):
@@ -629,7 +673,7 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None):
               f"{cfg.workers // len(names)} worker(s) of {cfg.batch_size} images on each",
               flush=True)
     with strategy_for(names).scope():   # variables mirrored on every device
-        model = build_resnet20(cfg.norm, cfg.groups, cfg.workers, devices=len(names))
+        model = build_model(cfg, devices=len(names))
         compile_model(model, cfg, steps, devices=len(names))
     if force:
         paths.checkpoint.unlink(missing_ok=True)
@@ -694,7 +738,18 @@ def parse_args(argv=None):
                    help="K devices (GPUs) under tf.distribute.MirroredStrategy, each holding W / K "
                         "workers: the same experiment (default: as many visible GPUs as divide W)")
     p.add_argument("--force", action="store_true", help="retrain a finished run, drop a checkpoint")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"TensorFlow intra-op threads per process, 0 = one per core "
+                        f"(default {THREADS}: see THREADS in train.py)")
+    gpu = p.add_argument_group("speed options for GPUs (off by default; see python bench.py train)")
+    gpu.add_argument("--jit-compile", action="store_true",
+                     help="compile the training step with XLA")
+    gpu.add_argument("--mixed-precision", action="store_true",
+                     help="mixed_float16: float16 convolutions, float32 weights, normalization "
+                          "statistics and logits, loss scaling")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must be 0 (one per core) or a positive integer, got {args.threads}")
     for name in ("batch_size", "workers", "devices", "epochs", "groups", "train_images",
                  "test_images"):
         value = getattr(args, name)
@@ -719,6 +774,7 @@ def resolve(p, args):
     overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "workers", "seed", "epochs",
                                                "groups", "train_images", "test_images")
                  if getattr(args, k) is not None}
+    overrides |= {k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)}
     cfg = replace(cfg, **overrides)
     try:
         check_groups(cfg.groups)
@@ -743,8 +799,9 @@ def print_grid(profile):
 def run_profile(args, stop=None):
     """Every grid entry of the profile, then reproduce.py and plot.py (the main job)."""
     start = time.perf_counter()
+    options = {k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)}
     for cfg in grid(args.profile):
-        code = train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop,
+        code = train(replace(cfg, **options), args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop,
                      devices=args.devices)
         if code:
             return code
@@ -765,6 +822,7 @@ def run_profile(args, stop=None):
 
 def main(argv=None, stop=None):
     p, args = parse_args(argv)
+    set_threads(args.threads)
     if args.grid:
         print_grid(args.profile or "default")
         return 0

@@ -1,0 +1,132 @@
+"""bench.py train's machinery and train.py's speed options (--jit-compile, --mixed-precision,
+--threads): correctness on the CPU, never timing (the timings are bench.py's)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+import keras  # noqa: E402
+import bench  # noqa: E402
+import layer  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.mark.parametrize("norm, ours, theirs", [
+    ("bn", train.WorkerBatchNormalization, keras.layers.BatchNormalization),
+    ("gn", layer.GroupNormalization, keras.layers.GroupNormalization)])
+def test_baseline_is_the_same_resnet_with_keras_norm_layers(norm, ours, theirs):
+    model = train.build_resnet20(norm, train.GROUPS, workers=2)
+    base = keras.models.clone_model(model, clone_function=bench.keras_norm)
+    assert [l.name for l in base.layers] == [l.name for l in model.layers]
+    assert base.count_params() == model.count_params()
+    norms = [l for l in base.layers if "norm" in l.name]
+    assert len(norms) == 21 and all(type(l) is theirs for l in norms)
+    assert any(isinstance(l, ours) for l in model.layers)
+    assert norms[1].epsilon == train.EPSILON and norms[1].gamma_regularizer is not None
+
+
+def test_throughput_counts_steps_across_calls_and_epochs():
+    timer = bench.Throughput(images_per_step=4, warmup=0.0, seconds=1e9)
+    timer.set_model(keras.Sequential())
+    timer.on_train_begin()
+    timer.on_epoch_begin(0)
+    for batch in (7, 15, 23):      # steps_per_execution = 8: one call ends at 7, 15, 23
+        timer.on_train_batch_end(batch)
+    timer.on_epoch_begin(1)
+    timer.on_train_batch_end(7)
+    assert timer.start[1] == 8 and timer.steps == 32
+    timer.seconds = 0.0
+    timer.on_train_batch_end(15)
+    assert timer.end[1] == 40 and timer.model.stop_training
+    assert timer.rate > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--workers", "0"], "--workers must be a positive integer"),
+    (["train", "--batch-sizes", "32", "0"], "--batch-sizes must be positive"),
+    (["train", "--images", "50"], "should hold at least 2 steps")])
+def test_bench_train_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_speed_options_reach_the_config_and_default_off():
+    p, args = train.parse_args(["--norm", "gn", "--batch-size", "2"])
+    cfg = train.resolve(p, args)
+    assert (cfg.jit_compile, cfg.mixed_precision, args.threads) == (False, False, train.THREADS)
+    p, args = train.parse_args(["--norm", "gn", "--batch-size", "2", "--jit-compile",
+                                "--mixed-precision", "--threads", "0"])
+    cfg = train.resolve(p, args)
+    assert (cfg.jit_compile, cfg.mixed_precision, args.threads) == (True, True, 0)
+
+
+def test_threads_must_not_be_negative():
+    result = subprocess.run([sys.executable, "train.py", "--grid", "--threads", "-1"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--threads must be 0" in result.stderr
+
+
+def _fit(cfg, x, y):
+    model = train.build_model(cfg)
+    train.compile_model(model, cfg, len(y) // cfg.batch_size)
+    keras.utils.set_random_seed(0)
+    history = model.fit(x, y, batch_size=cfg.batch_size, epochs=1, shuffle=False, verbose=0)
+    return model, history.history["loss"][-1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(32, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 32)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_xla_trains_like_the_default(norm, tiny):
+    x, y = tiny
+    results = {}
+    for jit in (False, True):
+        keras.utils.set_random_seed(1)
+        cfg = train.Config(norm=norm, batch_size=8, workers=2 if norm == "bn" else 1,
+                           jit_compile=jit)
+        model, loss = _fit(cfg, x, y)
+        assert model.jit_compile is jit
+        results[jit] = loss, model.predict(x, verbose=0)
+    assert np.isclose(results[True][0], results[False][0], rtol=1e-4)
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_mixed_precision_trains_saves_and_loads(norm, tiny, tmp_path):
+    x, y = tiny
+    keras.utils.set_random_seed(1)
+    cfg = train.Config(norm=norm, batch_size=8, mixed_precision=True)
+    model, loss = _fit(cfg, x, y)
+    assert keras.config.dtype_policy().name == "float32"   # the global policy is restored
+    assert model.get_layer("stem_conv").compute_dtype == "float16"
+    assert model.get_layer("logits").compute_dtype == "float32"
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert np.isfinite(loss)
+    logits = model.predict(x, verbose=0)
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), logits, rtol=1e-3, atol=1e-3)
+
+
+def test_options_and_threads_are_recorded(cifar_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--norm", "gn", "--batch-size", "8", "--workers", "1",
+         "--epochs", "1", "--train-images", "200", "--test-images", "100", "--jit-compile",
+         "--data-dir", cifar_dir, "--models-dir", tmp_path / "m", "--logs-dir", tmp_path / "l"],
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "m" / "gn_b8_s1.json").read_text())
+    assert record["config"]["run"]["jit_compile"] is True
+    assert record["config"]["run"]["mixed_precision"] is False
+    assert record["intra_op_threads"] == train.THREADS
+    assert np.isfinite(record["test_loss"])

@@ -21,8 +21,9 @@ $(BVENV)/.stamp: requirements-backends.txt
 
 # The main job: every norm and batch size of the grid at the quick profile's
 # scale, then reproduce.py and plot.py (results.csv, plot.png).
+# CIFAR10_DIR=... points at a copy of CIFAR-10; LABEL="..." names it in the figure.
 quick: $(VENV)/.stamp
-	$(BIN)/python train.py --profile quick
+	$(BIN)/python train.py --profile quick $(if $(LABEL),--label "$(LABEL)")
 
 test: test-tf test-backends
 

@@ -317,3 +317,19 @@ def test_learns_on_the_jpeg_copy_of_cifar10(jpeg_cifar_dir, tmp_path):
     print(result.stdout)
     record = json.loads((tmp_path / "m" / "bn_b32_s1.json").read_text())
     assert record["test_error"] < 75
+
+
+def test_profile_runs_every_entry_then_reproduce_and_plot(cifar_dir, tmp_path):
+    """The main job end to end (--profile quick, shrunk to 1 epoch on the tiny fixture)."""
+    result = run_train("--profile", "quick", "--epochs", "1", "--train-images", "100",
+                       "--test-images", "100", "--jobs", "2", "--data-dir", cifar_dir,
+                       "--models-dir", tmp_path / "models", "--logs-dir", tmp_path / "logs",
+                       "--results", tmp_path / "results.csv", "--plot", tmp_path / "plot.png")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "10 runs, 2 at a time" in result.stdout
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "results.csv")
+    names = sorted(os.path.basename(m) for m in table["model"])
+    assert names == sorted(f"{c.name}.keras" for c in train.grid("quick"))
+    assert set(table["epochs"]) == {1} and set(table["workers"]) == {1}
+    assert (tmp_path / "plot.png").stat().st_size > 10_000 and (tmp_path / "curves.png").exists()

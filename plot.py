@@ -26,12 +26,14 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -199,12 +201,23 @@ def provenance(df, label=None, unit="point"):
 
 # ---------------------------------------------------------------- drawing
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _wrapped(text, width=150):
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def save_atomic(fig, out):
     """savefig to a temporary file beside out, then os.replace it into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; a figure is for everyone
     try:
         fig.savefig(tmp, format="png", dpi=150)
         os.replace(tmp, out)
@@ -247,7 +260,7 @@ def draw_panel(ax, agg, title, ylabel):
         ax.set_ylim(lo - 0.16 * (hi - lo), hi)  # room for the gap row
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
-    ax.legend(frameon=False, loc="upper left")
+    ax.legend(frameon=False, loc="best")
 
 
 def spread_note(agg):
@@ -265,18 +278,19 @@ def plot_figure1(df, out, metric="median_last5_error", label=None):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.3))
     # Which setting the points show: W workers of N images per step (train.py --workers).
     workers = span(df["workers"].astype(int))
-    draw_panel(left, agg, f"CIFAR-10, ResNet-20, {workers} workers (this reproduction)",
+    plural = "" if workers == "1" else "s"
+    draw_panel(left, agg, f"CIFAR-10, ResNet-20, {workers} worker{plural} (this reproduction)",
                "test error (%)")
     draw_panel(right, aggregate(paper_results()), "ImageNet, ResNet-50, 8 workers (paper, Table 2)",
                "validation error (%)")
     fig.suptitle("Group Normalization, Figure 1: error against batch size per worker",
                  fontsize=12, y=0.985)
-    fig.text(0.5, 0.925, provenance(df, label), ha="center", fontsize=8.5, color="0.25")
-    fig.text(0.5, 0.885, f"points: {METRICS.get(metric, metric)}, mean over seeds; "
+    fig.text(0.5, 0.94, _wrapped(provenance(df, label)) + "\n"
+             + f"points: {METRICS.get(metric, metric)}, mean over seeds; "
              f"{spread_note(agg)}; numbers at the bottom: BN \u2212 GN in points",
-             ha="center", fontsize=8.5, color="0.25")
+             ha="center", va="top", fontsize=8.5, color="0.25", linespacing=1.4)
     fig.tight_layout()
-    fig.subplots_adjust(top=0.8)
+    fig.subplots_adjust(top=0.76)
     save_atomic(fig, out)
     return agg
 
@@ -344,15 +358,16 @@ def plot_curves(records, out, label=None):
         ax.set_title(STYLE.get(norm, {}).get("name", norm.upper()), fontsize=11)
         ax.set_xlabel("epoch")
         ax.grid(True, color="0.9", lw=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(frameon=False, fontsize=8)
     axes[0][0].set_ylabel("test error (%), mean over seeds")
     fig.suptitle("Training curves: test error per epoch, by batch size per worker",
                  fontsize=12, y=0.985)
     runs = pd.DataFrame(records).assign(norm=lambda d: d.norm.str.lower())
-    fig.text(0.5, 0.905, f"{provenance(runs, label, 'line')}, {len(records)} runs", ha="center",
-             fontsize=8.5, color="0.25")
+    fig.text(0.5, 0.93, _wrapped(f"{provenance(runs, label, 'line')}, {len(records)} runs"),
+             ha="center", va="top", fontsize=8.5, color="0.25", linespacing=1.4)
     fig.tight_layout()
-    fig.subplots_adjust(top=0.8)
+    fig.subplots_adjust(top=0.78)
     save_atomic(fig, out)
     return table
 

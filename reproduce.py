@@ -181,6 +181,9 @@ def write_csv(df, out):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".csv.tmp", dir=out.parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes it private; results are for everyone
     try:
         with os.fdopen(fd, "w", newline="") as f:
             df.to_csv(f, index=False)   # full precision: test_error must equal the run's

@@ -156,8 +156,11 @@ def test_array_task_outside_a_smaller_grid_does_nothing(fake_python):
 def test_without_slurm_ctrl_c_checkpoints_and_the_same_command_resumes(cifar_dir, tmp_path):
     name = grid_names("--profile", "quick")[3]
     command = ["bash", str(TRAIN_SH), *tiny_args(cifar_dir, tmp_path)]
+    # As from a terminal: a shell started in the background without job control (CI may be)
+    # inherits SIGINT ignored, and bash cannot trap a signal ignored when it starts.
     proc = subprocess.Popen(command, env=run_env(TASKS="3"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = []
     for line in proc.stdout:
         output.append(line)

@@ -24,9 +24,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -82,9 +80,7 @@ def read_record(model_path):
     return record
 
 
-def median_last5(history):
-    """The paper's statistic: median test error (%) of the final 5 epochs (all if fewer)."""
-    return statistics.median(float(h["test_error"]) for h in history[-5:])
+median_last5 = train.median_last5   # the paper's statistic, as the run computes it
 
 
 def load_model(path):
@@ -177,20 +173,9 @@ def results_table(rows):
 
 
 def write_csv(df, out):
-    """Write to a temporary file beside out, then os.replace it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".csv.tmp", dir=out.parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes it private; results are for everyone
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False)   # full precision: test_error must equal the run's
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write atomically (train.py's temporary-file-and-rename), at full precision so that
+    test_error equals the run's."""
+    train._atomic(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def warn(message):

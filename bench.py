@@ -2,6 +2,7 @@
 
     python bench.py train [--quick] [--workers 8] [--threads T] [--jit-compile] [--mixed-precision]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
+    KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
 
 `train`: training throughput (images per second after warm-up) of train.py's ResNet-20
 with BN and with GN at batch sizes 32 to 2, trained as train.py trains it (its builder,
@@ -301,6 +302,69 @@ def print_sweep(args, rate, evals):
           f"x {seeds} seeds: ours {seeds * hours['ours']:.1f} h")
 
 
+# ---------------------------------------------------------------- bench.py loop (JAX)
+
+def loop_rate(norm, batch_size, workers, mixed, loop, x, y, calls=2):
+    """Images per second of one run's training, as train.py trains it on JAX: its model and
+    compile_model, fed by backends.ScanLoop (`scan`) or model.fit (`fit`); compilation and
+    the first call excluded, then the median of `calls` timed calls (scan: IMAGES_PER_SCAN
+    images each; fit: one epoch of x each)."""
+    import backends
+    import cifar10
+    import train
+    cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, mixed_precision=mixed)
+    step = batch_size * workers
+    total = cifar10.steps_per_epoch(len(y), step)
+    model = train.build_model(cfg)
+    train.compile_model(model, cfg, total)
+    padded = cifar10.padded(x, cifar10.pixel_mean(x))
+    draws = cifar10.epoch_draws(len(y), cfg.seed, 0)
+    if loop == "scan":
+        steps = max(1, min(total, train.IMAGES_PER_SCAN // step))
+        runner = backends.ScanLoop(model, padded, y, step, steps)
+
+        def one():
+            runner.run(draws, 0, steps)
+        images = steps * step
+    else:
+        batches = train.Batches(cifar10.TrainBatches(padded, y, step, cfg.seed, 0))
+
+        def one():
+            model.fit(batches, epochs=1, verbose=0, shuffle=False)
+        images = total * step
+    times = []
+    for i in range(calls + 1):
+        start = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - start)
+    return images / statistics.median(times[1:]), times[0]
+
+
+def bench_loop(args):
+    """One line per configuration: img/s of the scan loop (and fit, if asked); then the
+    sweep's estimated time at those rates, one run at a time."""
+    import backends
+    if backends.name() != "jax":
+        raise SystemExit(f"error: bench.py loop measures the JAX scan loop; run it with "
+                         f"KERAS_BACKEND=jax (this is {backends.name()})")
+    backends.enable_determinism()   # as train.py runs (XLA's deterministic GPU ops)
+    x, y = synthetic(args.images)
+    print(f"devices: {', '.join(backends.gpus()) or 'CPU only'}")
+    print(f"{'loop':<6}{'norm':<5}{'N':>4}{'W':>3}{'precision':>11}{'img/s':>10}{'first call s':>14}",
+          flush=True)
+    rates = {}
+    for loop in args.loops:
+        for mixed in args.precisions:
+            for norm in args.norms:
+                for n in args.batch_sizes:
+                    rate, first = loop_rate(norm, n, args.workers, mixed, loop, x, y)
+                    rates[loop, mixed, norm, n] = rate
+                    print(f"{loop:<6}{norm:<5}{n:>4}{args.workers:>3}"
+                          f"{'mixed' if mixed else 'float32':>11}{rate:>10.0f}{first:>14.1f}",
+                          flush=True)
+    return rates
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,7 +389,18 @@ def main(argv=None):
     t.add_argument("--mixed-precision", action="store_true",
                    help="ours in mixed_float16 (train.py --mixed-precision)")
     t.set_defaults(run=bench_train)
+    s = sub.add_parser("loop", help="JAX: training img/s of the scan loop (train.py --loop scan) "
+                                    "and of fit, as a GPU runs the sweep")
+    s.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
+    s.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 2])
+    s.add_argument("--workers", type=int, default=8)
+    s.add_argument("--loops", nargs="+", choices=("scan", "fit"), default=["scan"])
+    s.add_argument("--precisions", nargs="+", choices=("float32", "mixed"), default=["float32"])
+    s.add_argument("--images", type=int, default=8192, help="synthetic training images")
+    s.set_defaults(run=bench_loop)
     args = parser.parse_args(argv)
+    if args.command == "loop":
+        args.precisions = [p == "mixed" for p in args.precisions]
     if args.command == "train":
         for name in ("workers", "repeats", "images"):
             if getattr(args, name) < 1:

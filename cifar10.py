@@ -1,5 +1,5 @@
 """CIFAR-10: find or fetch the official python release, load it safely, and feed it
-to Keras as tf.data pipelines with He et al.'s preprocessing and augmentation.
+to Keras with He et al.'s preprocessing and augmentation, on every Keras backend.
 
     python cifar10.py --download [DIR]   # on a machine with network: fetch + extract
                                          # (DIR default: $CIFAR10_DIR, else the Keras cache)
@@ -11,8 +11,9 @@ folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (extracted in plac
 Only the cache is ever downloaded into. Writes nothing but that folder's contents
 (the tarball, cifar-10-batches-py/, a .cifar10.lock file).
 
-TensorFlow is imported only by the dataset functions, so fetching and checking the
-data on a login node does not pay for (or need) it.
+Everything random about an epoch (order, crops, flips) is drawn on the host in NumPy from
+(seed, epoch), so TensorFlow, JAX and PyTorch train on the same batches. This file needs
+NumPy only: fetching and checking the data on a login node needs no Keras or TensorFlow.
 """
 import argparse
 import contextlib
@@ -39,6 +40,8 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 OFFICIAL_COUNTS = (50000, 10000)  # training, test images
 PAD = 4  # pixels of zero padding before the random 32x32 crop (He et al. 2015, 4.2)
+SIDE = 32  # image side
+CROPS = 2 * PAD + 1  # crop offsets 0..8 along each axis
 
 
 class SubsetWarning(UserWarning):
@@ -307,56 +310,72 @@ def epoch_order(n, seed, epoch):
 def augmentation_draws(n, seed, epoch):
     """(row, column, flip), int32 (n,) each: the crop's offset in the padded image and
     the mirror bit for each position in the epoch."""
-    import tensorflow as tf
-    side = 2 * PAD + 1  # crop offsets 0..8
-    # One stateless draw per position, on the CPU wherever the caller runs: batch size,
-    # skip_batches and parallelism cannot change it, and neither can the device.
-    with tf.device("/CPU:0"):
-        d = tf.random.stateless_uniform([n], seed=[seed, epoch], minval=0, maxval=side * side * 2,
-                                        dtype=tf.int32)
-    return d // (2 * side), d // 2 % side, d % 2
+    # One draw per position, on the host from (seed, epoch) alone: batch size, skip_batches,
+    # the backend and the device cannot change it.
+    d = np.random.default_rng([seed, epoch, 1]).integers(0, CROPS * CROPS * 2, n, dtype=np.int32)
+    return d // (2 * CROPS), d // 2 % CROPS, d % 2
 
 
-def train_dataset(x, y, mean, batch_size, seed, epoch, skip_batches=0):
-    """One augmented epoch: (float32 (b,32,32,3), int32 (b,)) batches, reproducible."""
-    import tensorflow as tf
-    n, steps = len(x), steps_per_epoch(len(x), batch_size)
-    if batch_size < 1 or steps < 1:
-        raise ValueError(f"batch_size {batch_size} should be in 1..{n} (the number of images)")
-    if not 0 <= skip_batches <= steps:
-        raise ValueError(f"skip_batches {skip_batches} should be in 0..{steps} (batches per epoch)")
-    rows, cols, flips = augmentation_draws(n, seed, epoch)
-    with tf.device("/CPU:0"):  # tf.data runs on the CPU: keep its inputs off the GPU
-        order = tf.constant(epoch_order(n, seed, epoch))
-        images, labels = tf.constant(x), tf.constant(y, tf.int32)
-        mean = tf.constant(mean, tf.float32)
-    span = tf.range(32)
-
-    def batch(b):
-        pos = tf.range(b * batch_size, (b + 1) * batch_size)
-        idx = tf.gather(order, pos)
-        img = tf.cast(tf.gather(images, idx), tf.float32) / 255 - mean
-        img = tf.pad(img, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])  # zeros after centring
-        r = tf.gather(rows, pos)[:, None] + span  # (b, 32): the crop's rows in the padded image
-        c = tf.gather(cols, pos)[:, None] + span
-        c = tf.where(tf.gather(flips, pos)[:, None] == 1, tf.reverse(c, [1]), c)  # mirror = read backwards
-        img = tf.gather(img, r, axis=1, batch_dims=1)
-        img = tf.gather(img, c, axis=2, batch_dims=1)
-        return img, tf.gather(labels, idx)
-
-    ds = tf.data.Dataset.range(skip_batches, steps)
-    ds = ds.map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+def epoch_draws(n, seed, epoch):
+    """(order, rows, cols, flips): everything random about one epoch."""
+    return (epoch_order(n, seed, epoch), *augmentation_draws(n, seed, epoch))
 
 
-def test_dataset(x, y, mean, batch_size=1000):
-    """x/255 - mean, in file order, unaugmented, the last partial batch kept."""
-    import tensorflow as tf
-    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(batch_size)
-    mean = tf.constant(mean, tf.float32)
-    ds = ds.map(lambda img, lab: (tf.cast(img, tf.float32) / 255 - mean, lab),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+def normalize(x_uint8, mean):
+    """float32 x/255 - mean (He et al.'s per-pixel mean subtraction)."""
+    return x_uint8.astype(np.float32) / np.float32(255) - mean
+
+
+def padded(x_uint8, mean):
+    """float32 (n, 40, 40, 3): the normalized images with PAD zeros around (zeros after
+    centring, as the crop reads them). Made once per run: batches are slices of it."""
+    out = np.zeros((len(x_uint8), SIDE + 2 * PAD, SIDE + 2 * PAD, x_uint8.shape[-1]), np.float32)
+    for i in range(0, len(x_uint8), 5000):   # in parts: no float64 or float32 full-size temporary
+        out[i:i + 5000, PAD:-PAD, PAD:-PAD] = normalize(x_uint8[i:i + 5000], mean)
+    return out
+
+
+def crop_batch(padded_images, index, rows, cols, flips):
+    """The (b, 32, 32, c) crops of padded_images[index] at (rows, cols), mirrored where flips."""
+    span = np.arange(SIDE)
+    r = rows[:, None] + span                                   # (b, 32): rows read
+    c = cols[:, None] + span
+    c = np.where(flips[:, None] == 1, c[:, ::-1], c)          # mirror = read backwards
+    return padded_images[index[:, None, None], r[:, :, None], c[:, None, :]]
+
+
+class TrainBatches:
+    """One augmented epoch as a sequence of (float32 (b,32,32,3), int32 (b,)) NumPy batches,
+    the same on every backend, reproducible: batch i depends on (seed, epoch, i) only.
+
+    padded_images: padded(x, mean), made once per run; skip_batches: start mid-epoch
+    (a resumed run), the remaining batches being the tail of the full epoch.
+    """
+
+    def __init__(self, padded_images, y, batch_size, seed, epoch, skip_batches=0):
+        n, steps = len(y), steps_per_epoch(len(y), batch_size)
+        if batch_size < 1 or steps < 1:
+            raise ValueError(f"batch_size {batch_size} should be in 1..{n} (the number of images)")
+        if not 0 <= skip_batches <= steps:
+            raise ValueError(f"skip_batches {skip_batches} should be in 0..{steps} (batches per epoch)")
+        self.images, self.labels = padded_images, np.asarray(y, np.int32)
+        self.batch_size, self.skip, self.steps = batch_size, skip_batches, steps
+        self.draws = epoch_draws(n, seed, epoch)
+
+    def __len__(self):
+        return self.steps - self.skip
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        pos = np.arange((self.skip + i) * self.batch_size, (self.skip + i + 1) * self.batch_size)
+        order, rows, cols, flips = (a[pos] for a in self.draws)
+        return crop_batch(self.images, order, rows, cols, flips), self.labels[order]
+
+
+def test_inputs(x, mean):
+    """x/255 - mean, in file order, unaugmented: what evaluation predicts on."""
+    return normalize(x, mean)
 
 
 # ---------------------------------------------------------------- command line

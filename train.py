@@ -63,6 +63,7 @@ if __name__ == "__main__":
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import backends  # noqa: E402
 import cifar10  # noqa: E402
 import layer  # noqa: E402  (registers GroupNormalization for loading)
 
@@ -80,8 +81,10 @@ GROUPS = 8                  # GN groups: half the smallest width (16 channels)
 BN_MOMENTUM = 0.9           # BN moving-average momentum (torch's 0.1 in Keras' convention)
 EPSILON = 1e-5              # BN and GN epsilon, as in the paper's implementation and torch
 EVAL_BATCH_SIZE = 1000      # evaluation batch (inference mode, so it does not change the result)
-IMAGES_PER_EXECUTION = 64   # images per compiled call: small batches run several steps per call
-THREADS = 1                 # TensorFlow intra-op threads per process (0: one per core): on a CPU,
+IMAGES_PER_EXECUTION = 64   # images per compiled call of fit: small batches run several steps
+IMAGES_PER_SCAN = 8192      # images per compiled call of the JAX scan loop (--loop scan): few
+                            #   calls per epoch, so a GPU is not bound by per-call dispatch
+THREADS = 1                 # intra-op threads per process (TensorFlow, XLA on CPU, torch) (0: one per core): on a CPU,
                             #   small batches are op-overhead bound, and one thread halves their
                             #   CPU time per image (python bench.py train); more cores serve
                             #   more runs at once (train.sh's array tasks). Fixed, so that a
@@ -197,10 +200,15 @@ class WorkerBatchNormalization(keras.layers.BatchNormalization):
         slices = ops.reshape(x, (self.workers, -1, *x.shape[1:]))   # (W, N, H, W, C)
         axes = list(range(1, len(slices.shape) - 1))
         mean, variance = ops.moments(slices, axes=axes, keepdims=True)
-        gamma, beta = (ops.cast(v, x.dtype) if on else None
-                       for v, on in ((self.gamma, self.scale), (self.beta, self.center)))
-        y = ops.batch_normalization(slices, mean, variance, axis=-1, offset=beta, scale=gamma,
-                                    epsilon=self.epsilon)
+        # ops.batch_normalization's own formula, written out: on JAX and PyTorch it reshapes
+        # the statistics to the channel axis, and these are (W, 1, 1, 1, C).
+        inv = ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * ops.cast(self.gamma, x.dtype)
+        shift = -mean * inv
+        if self.center:
+            shift = shift + ops.cast(self.beta, x.dtype)
+        y = slices * inv + shift
         for moving, stat in ((self.moving_mean, mean), (self.moving_variance, variance)):
             stat = ops.mean(ops.reshape(stat, (self.workers, -1)), axis=0)
             moving.assign(moving * self.momentum + stat * (1.0 - self.momentum))
@@ -284,7 +292,8 @@ def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape
     if norm == "gn":
         check_groups(groups)
     check_workers(workers, devices)
-    norm_layer = functools.partial(_norm, norm, groups, workers // devices if workers > 1 else None)
+    slices = backends.slices_per_replica(workers, devices) if workers > 1 else None
+    norm_layer = functools.partial(_norm, norm, groups, slices)
     inputs = keras.Input(input_shape, name="image")
     x = _conv(16, 3, 1, "stem_conv")(inputs)
     x = keras.layers.ReLU(name="stem_relu")(norm_layer(False, "stem_norm")(x))
@@ -336,6 +345,16 @@ class Data:
     source: str
     official: bool          # 50,000 + 10,000 images, as the official release
 
+    @functools.cached_property
+    def padded(self):
+        """The training images normalized and zero-padded, float32 (n, 40, 40, 3): the
+        batches of every epoch are crops of it (cifar10.TrainBatches, backends.ScanLoop)."""
+        return cifar10.padded(self.x_train, self.mean)
+
+    @functools.cached_property
+    def test_inputs(self):
+        return cifar10.test_inputs(self.x_test, self.mean)
+
 
 def prepare_data(data_dir=None, train_images=None, test_images=None):
     root = cifar10.locate(data_dir)
@@ -354,8 +373,8 @@ def prepare_data(data_dir=None, train_images=None, test_images=None):
 
 def evaluate(model, data):
     """(test loss, test error in %) on data's test images, inference mode, deterministic."""
-    ds = cifar10.test_dataset(data.x_test, data.y_test, data.mean, EVAL_BATCH_SIZE)
-    logits = np.asarray(model.predict(ds, verbose=0), np.float64)
+    logits = np.asarray(model.predict(data.test_inputs, batch_size=EVAL_BATCH_SIZE, verbose=0),
+                        np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     y = np.asarray(data.y_test)
@@ -373,50 +392,22 @@ def compile_model(model, cfg, steps_per_epoch, devices=1):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce"),
                  keras.metrics.SparseCategoricalAccuracy(name="acc")],
-        # Several steps per call fail under MirroredStrategy in Keras 3.15 ("You must feed a
-        # value for placeholder tensor"): one step per call on several devices.
-        steps_per_execution=max(1, IMAGES_PER_EXECUTION // (cfg.batch_size * cfg.workers))
-        if devices == 1 else 1,
-        # Off unless asked: Keras' "auto" means XLA on a GPU and none on a CPU, and on 2 CPU
-        # cores XLA made the training step slower (`python bench.py train --jit-compile`).
-        jit_compile=cfg.jit_compile)
+        steps_per_execution=backends.steps_per_execution(
+            max(1, IMAGES_PER_EXECUTION // (cfg.batch_size * cfg.workers)), devices),
+        # TensorFlow: off unless asked: Keras' "auto" means XLA on a GPU and none on a CPU,
+        # and on 2 CPU cores XLA made the training step slower (`python bench.py train
+        # --jit-compile`). JAX: always jitted ("auto"); PyTorch: "auto" is eager.
+        jit_compile=cfg.jit_compile if backends.name() == "tensorflow" else "auto")
     model.optimizer.build(model.trainable_variables)
 
 
 # ---------------------------------------------------------------------------
-# Devices: one, or several through TensorFlow's MirroredStrategy.
-
-def pick_devices(workers, devices=None):
-    """Names of the run's K devices: `devices` of them, else the most visible GPUs dividing W.
-
-    Each holds W / K of a step's worker slices. Without GPUs they are the CPU's logical
-    devices: one, unless the process split the CPU before TensorFlow started (the tests do).
-    """
-    import tensorflow as tf
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    visible = gpus or [d.name for d in tf.config.list_logical_devices("CPU")]
-    if devices is None:
-        devices = max(k for k in range(1, len(gpus) + 1) if workers % k == 0) if gpus else 1
-        if devices < len(gpus):
-            print(f"note: {len(gpus)} GPUs visible; W = {workers} workers use {devices} "
-                  f"(K devices must divide W)", flush=True)
-    if workers % devices:
-        raise SystemExit(f"error: --devices {devices} should divide the workers W = {workers}")
-    if devices > len(visible):
-        raise SystemExit(f"error: --devices {devices}, but {len(visible)} device(s) visible: "
-                         f"{', '.join(visible)}")
-    return visible[:devices]
-
-
-def strategy_for(names):
-    """MirroredStrategy over several devices; TensorFlow's default (no-op) strategy on one."""
-    import tensorflow as tf
-    return tf.distribute.MirroredStrategy(names) if len(names) > 1 else tf.distribute.get_strategy()
-
+# Devices: one, or several (backends.distributed: MirroredStrategy, or JAX's DataParallel).
 
 def single_device_copy(model, cfg, steps_per_epoch):
     """The model as one device holds it (W slices, not W / K), optimizer state included:
-    what is saved, so that a saved model does not depend on the run's devices."""
+    what is saved, so that a saved model does not depend on the run's devices (TensorFlow;
+    under JAX the model already holds all W slices)."""
     copy = build_model(cfg)
     compile_model(copy, cfg, steps_per_epoch)
     copy.set_weights(model.get_weights())
@@ -524,23 +515,61 @@ def _merge(partial, steps, logs):
     return {"steps": steps, "ce": ce, "acc": acc}
 
 
-def train_epoch(model, data, cfg, state, stop, progress):
+class Batches(keras.utils.PyDataset):
+    """cifar10.TrainBatches as Keras' backend-neutral input (one batch at a time, in order)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def _fit_epoch(model, data, cfg, state, stop, progress, total):
+    """The rest of the epoch through model.fit; (steps done, last logs)."""
+    batches = cifar10.TrainBatches(data.padded, data.y_train, cfg.batch_size * cfg.workers,
+                                   cfg.seed, state["epoch"], skip_batches=state["step"])
+    callback = StepCallback(stop, state["step"], total, progress)
+    model.fit(Batches(batches), epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+    return callback.steps, callback.logs
+
+
+def _scan_epoch(model, data, cfg, state, stop, progress, total):
+    """The rest of the epoch through backends.ScanLoop (JAX): (steps done, metrics)."""
+    batch = cfg.batch_size * cfg.workers
+    loop = getattr(model, "_scan_loop", None)
+    if loop is None:
+        steps = max(1, min(total, IMAGES_PER_SCAN // batch))
+        loop = model._scan_loop = backends.ScanLoop(model, data.padded, data.y_train, batch, steps)
+    bar = keras.utils.Progbar(total, stateful_metrics=["ce", "acc"]) if progress else None
+    loop.should_stop = lambda: bool(stop.requested)
+    model.reset_metrics()
+    draws = cifar10.epoch_draws(len(data.y_train), cfg.seed, state["epoch"])
+    steps, logs = loop.run(draws, state["step"], total)
+    if bar:
+        bar.update(steps, [(k, logs[k]) for k in ("ce", "acc") if k in logs])
+    return steps, logs
+
+
+def train_epoch(model, data, cfg, state, stop, progress, loop="fit"):
     """Train (the rest of) epoch state['epoch']; return True if it completed."""
     batch = cfg.batch_size * cfg.workers
     total = cifar10.steps_per_epoch(len(data.y_train), batch)
     skip = state["step"]
-    ds = cifar10.train_dataset(data.x_train, data.y_train, data.mean, batch, cfg.seed,
-                               state["epoch"], skip_batches=skip)
-    callback = StepCallback(stop, skip, total, progress)
     start = time.perf_counter()
-    model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+    steps, logs = (_scan_epoch if loop == "scan" else _fit_epoch)(
+        model, data, cfg, state, stop, progress, total)
     seconds = time.perf_counter() - start
     state["train_seconds"] += seconds
-    state["train_images"] += (callback.steps - skip) * batch
+    state["train_images"] += (steps - skip) * batch
     state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + seconds
-    state["partial"] = _merge(state["partial"], callback.steps, callback.logs)
-    state["step"] = callback.steps
-    return callback.steps >= total
+    state["partial"] = _merge(state["partial"], steps, logs)
+    state["step"] = steps
+    return steps >= total
 
 
 def _epoch_line(cfg, entry):
@@ -552,7 +581,6 @@ def _epoch_line(cfg, entry):
 
 def end_epoch(model, data, cfg, state, writer):
     """Evaluate, append the epoch to the history, log it; the epoch is then complete."""
-    import tensorflow as tf
     test_loss, test_error = evaluate(model, data)
     steps = state["partial"]["steps"]
     entry = {"epoch": state["epoch"] + 1,
@@ -563,10 +591,10 @@ def end_epoch(model, data, cfg, state, writer):
     entry["images_per_second"] = steps * cfg.batch_size * cfg.workers / max(entry["seconds"], 1e-9)
     state["history"].append(entry)
     state.update(epoch=state["epoch"] + 1, step=0, partial=None)
-    with writer.as_default(step=entry["epoch"]):
-        for key in ("train_loss", "train_error", "test_loss", "test_error", "lr", "images_per_second"):
-            tf.summary.scalar(key.replace("_", "/", 1) if key.startswith(("train", "test")) else key,
-                              entry[key])
+    # TensorBoard's own writer (no TensorFlow needed): scalars as tf.summary.scalar writes them.
+    for key in ("train_loss", "train_error", "test_loss", "test_error", "lr", "images_per_second"):
+        writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "test")) else key,
+                          entry[key], entry["epoch"])
     writer.flush()
     print(_epoch_line(cfg, entry), flush=True)
 
@@ -574,18 +602,6 @@ def end_epoch(model, data, cfg, state, writer):
 def median_last5(history):
     """The paper's statistic: median test error over the final 5 epochs (or all, if fewer)."""
     return float(statistics.median(e["test_error"] for e in history[-5:]))
-
-
-def set_threads(threads):
-    """TensorFlow's intra-op threads (0: its default, one per core). Only before TensorFlow
-    starts: after that (an in-process caller), it keeps its setting and says so."""
-    import tensorflow as tf
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-    except RuntimeError:
-        print(f"note: TensorFlow already runs in this process with "
-              f"{tf.config.threading.get_intra_op_parallelism_threads()} intra-op threads "
-              f"(0: one per core), not --threads {threads}", file=sys.stderr)
 
 
 def provenance():
@@ -597,17 +613,14 @@ def provenance():
                                capture_output=True, text=True).stdout.strip()
         commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    import tensorflow as tf
-    versions = {"python": platform.python_version(), "keras": keras.__version__,
-                "backend": keras.backend.backend(), "tensorflow": tf.__version__,
-                "numpy": np.__version__}
-    return {"git_commit": commit, "versions": versions, "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+        # A copy of the tree without .git (a borrowed GPU machine): the caller may say it.
+        commit = os.environ.get("TRAIN_GIT_COMMIT", "unknown")
+    return {"git_commit": commit, "versions": backends.versions(), "host": platform.node(),
+            "cpus": os.cpu_count(), "gpus": backends.gpus(),
+            "intra_op_threads": backends.intra_op_threads()}
 
 
-def finish(paths, model, data, cfg, state, devices):
+def finish(paths, model, data, cfg, state, devices, loop):
     test_loss, test_error = evaluate(model, data)
     record = {
         "name": cfg.name, "status": "finished",
@@ -628,10 +641,11 @@ def finish(paths, model, data, cfg, state, devices):
                  "train_images": len(data.y_train), "test_images": len(data.y_test)},
         "resumed": state["resumed"],
         "devices": devices,   # the last session's: a resumed run may have changed them
+        "loop": loop,         # fit, or scan (backends.ScanLoop): the last session's
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance(),
     }
-    if len(devices) > 1:
+    if len(devices) > 1 and backends.name() == "tensorflow":
         steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
         model = single_device_copy(model, cfg, steps)
     _atomic(paths.model, lambda tmp: model.save(tmp))
@@ -643,11 +657,14 @@ def finish(paths, model, data, cfg, state, devices):
 
 
 def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False, progress=None,
-          stop=None, devices=None):
+          stop=None, devices=None, loop="auto"):
     """Run (or resume) one configuration; return the process exit status (0, or PREEMPTED).
 
-    devices: K, to train on K devices (see pick_devices); the result is the same experiment.
+    devices: K, to train on K devices (see backends.pick_devices); the result is the same
+    experiment. loop: "fit" (model.fit), "scan" (JAX only: backends.ScanLoop), or "auto"
+    (scan on JAX with a GPU, fit elsewhere).
     """
+    loop = resolve_loop(loop)
     paths = Paths(models_dir, logs_dir, cfg.name)
     if not force and finished_record(paths, cfg):
         print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
@@ -655,25 +672,45 @@ def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False,
     progress = sys.stdout.isatty() if progress is None else progress
     if stop is None:
         with StopOnSignal() as stop:
-            return _train(cfg, paths, data_dir, force, progress, stop, devices)
-    return _train(cfg, paths, data_dir, force, progress, stop, devices)
+            return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
+    return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
 
 
-def _train(cfg, paths, data_dir, force, progress, stop, devices=None):
-    import tensorflow as tf
+def resolve_loop(loop):
+    if loop == "auto":
+        # XLA on a CPU runs a scan's loop body far slower than the same step jitted alone
+        # (0.35 s against 0.02 s a step of 8 images here): scan only where there is a GPU.
+        return "scan" if backends.name() == "jax" and backends.gpus() else "fit"
+    if loop == "scan" and backends.name() != "jax":
+        raise SystemExit(f"error: --loop scan needs KERAS_BACKEND=jax (this is "
+                         f"{backends.name()}); use --loop fit")
+    if loop not in ("fit", "scan"):
+        raise SystemExit(f"error: --loop should be auto, fit or scan, got {loop!r}")
+    return loop
+
+
+def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"):
+    backends.enable_determinism()
     keras.utils.set_random_seed(cfg.seed)
-    tf.config.experimental.enable_op_determinism()
-    names = pick_devices(cfg.workers, devices)   # before the data: a wrong --devices fails fast
+    names = backends.pick_devices(cfg.workers, devices)   # before the data: a wrong --devices fails fast
+    if len(names) > 1 and loop == "scan":
+        print(f"note: --loop scan is single-device; on {len(names)} devices the run uses fit",
+              flush=True)
+        loop = "fit"
     data = prepare_data(data_dir, cfg.train_images, cfg.test_images)
     steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
+    if steps < 1:
+        raise SystemExit(f"error: {len(data.y_train)} training images make no step of W * N = "
+                         f"{cfg.workers} * {cfg.batch_size} images: use more --train-images, or "
+                         f"a smaller --batch-size or --workers")
     if not data.official:
         print(f"note: {data.source} is not the official 50,000 + 10,000 images; this run trains on "
               f"{len(data.y_train)} and tests on {len(data.y_test)} (recorded in the run record)")
     if len(names) > 1:
-        print(f"{cfg.name}: MirroredStrategy over {', '.join(names)}, "
+        print(f"{cfg.name}: {backends.parallel_name()} over {', '.join(names)}, "
               f"{cfg.workers // len(names)} worker(s) of {cfg.batch_size} images on each",
               flush=True)
-    with strategy_for(names).scope():   # variables mirrored on every device
+    with backends.distributed(names):   # variables on every device
         model = build_model(cfg, devices=len(names))
         compile_model(model, cfg, steps, devices=len(names))
     if force:
@@ -686,10 +723,11 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None):
     else:
         state = {"config": asdict(cfg), "epoch": 0, "step": 0, "partial": None, "history": [],
                  "train_seconds": 0.0, "train_images": 0, "wall_seconds": 0.0, "resumed": 0}
-    writer = tf.summary.create_file_writer(str(paths.logs))
+    import tensorboard.summary
+    writer = tensorboard.summary.Writer(str(paths.logs))
     while state["epoch"] < cfg.epochs:
         start = time.perf_counter()
-        done = not stop.requested and train_epoch(model, data, cfg, state, stop, progress)
+        done = not stop.requested and train_epoch(model, data, cfg, state, stop, progress, loop)
         if done:
             end_epoch(model, data, cfg, state, writer)
         state["wall_seconds"] += time.perf_counter() - start
@@ -698,7 +736,7 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None):
             print(f"{cfg.name}: checkpointed at epoch {state['epoch'] + 1}, step {state['step']} "
                   f"({paths.checkpoint}); exiting with status {PREEMPTED}", flush=True)
             return PREEMPTED
-    finish(paths, model, data, cfg, state, names)
+    finish(paths, model, data, cfg, state, names, loop)
     return 0
 
 
@@ -736,9 +774,13 @@ def parse_args(argv=None):
     io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
                                     "e.g. 'CIFAR-10 (JPEG copy)'")
     p.add_argument("--devices", type=int,
-                   help="K devices (GPUs) under tf.distribute.MirroredStrategy, each holding W / K "
-                        "workers: the same experiment (default: as many visible GPUs as divide W)")
+                   help="K devices (GPUs): TensorFlow's MirroredStrategy or JAX's DataParallel, "
+                        "each holding W / K workers: the same experiment (default: as many "
+                        "visible GPUs as divide W)")
     p.add_argument("--force", action="store_true", help="retrain a finished run, drop a checkpoint")
+    p.add_argument("--loop", choices=("auto", "fit", "scan"), default="auto",
+                   help="training loop: model.fit, or (JAX) several steps fused per compiled call "
+                        "(backends.ScanLoop); auto: scan on JAX with a GPU, fit elsewhere")
     p.add_argument("--jobs", type=int, help="(whole profile) runs at a time (default: one per "
                                             "core on a CPU, 1 with a GPU)")
     p.add_argument("--threads", type=int, default=THREADS,
@@ -803,7 +845,7 @@ def _forwarded(args):
     """The arguments that a grid entry's own process needs to run as this one would."""
     out = ["--profile", args.profile]
     for name in ("epochs", "groups", "workers", "train_images", "test_images", "data_dir",
-                 "models_dir", "logs_dir", "threads", "devices"):
+                 "models_dir", "logs_dir", "threads", "devices", "loop"):
         if getattr(args, name, None) is not None:
             out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision")
@@ -812,8 +854,7 @@ def _forwarded(args):
 
 def _default_jobs(args):
     # One single-threaded run per core on a CPU; one at a time where a GPU is to be shared.
-    import tensorflow as tf
-    if tf.config.list_physical_devices("GPU") or not args.threads:
+    if backends.gpus() or not args.threads:
         return 1
     return max(1, (os.cpu_count() or 1) // args.threads)
 
@@ -882,7 +923,7 @@ def run_profile(args, stop):
 
 def main(argv=None, stop=None):
     p, args = parse_args(argv)
-    set_threads(args.threads)
+    backends.set_threads(args.threads)
     if args.grid:
         print_grid(args.profile or "default")
         return 0
@@ -894,7 +935,7 @@ def main(argv=None, stop=None):
         return run_profile(args, stop)
     cfg = resolve(p, args)
     return train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop,
-                 devices=args.devices)
+                 devices=args.devices, loop=args.loop)
 
 
 if __name__ == "__main__":

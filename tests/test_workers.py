@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO
 
 import keras  # noqa: E402
+import backends  # noqa: E402
 import train  # noqa: E402
 
 
@@ -201,8 +202,8 @@ def test_cli_errors(argv, message, capsys):
 
 def test_more_devices_than_visible_is_a_clear_error():
     with pytest.raises(SystemExit, match=r"--devices 2, but 1 device\(s\) visible"):
-        train.pick_devices(2, 2)
-    assert len(train.pick_devices(8)) == 1   # no GPU here: one device
+        backends.pick_devices(2, 2)
+    assert len(backends.pick_devices(8)) == 1   # no GPU here: one device
 
 
 def test_figure_says_how_many_workers(tmp_path, monkeypatch):

@@ -1,0 +1,295 @@
+"""What differs between Keras backends (TensorFlow, JAX, PyTorch), in one place.
+
+Everything else (the model, the recipe, the data, the run) is written with `keras` and
+`keras.ops` and runs unchanged on all three; this module holds what cannot be:
+
+- threads and determinism (each library has its own switches, set before it starts);
+- devices: TensorFlow's MirroredStrategy (each replica sees its own W / K worker slices),
+  JAX's keras.distribution.DataParallel (one global batch, sharded: the model sees all W
+  slices), none on PyTorch (Keras 3.15 has no keras.distribution for it);
+- the library versions that a run record names;
+- the JAX training loop: K steps fused into one compiled call (`ScanLoop`), since Keras'
+  JAX trainer runs steps_per_execution as a Python loop of one-step calls, which bounds
+  small batches on a GPU by dispatch rather than by the GPU.
+
+Nothing here imports TensorFlow, JAX or PyTorch unless that is the backend in use.
+"""
+import contextlib
+import os
+import sys
+
+import keras
+import numpy as np
+
+
+def name():
+    return keras.backend.backend()
+
+
+def _note(message):
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _jax_started():
+    """Whether JAX has created its devices (after which XLA_FLAGS are read no more)."""
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge._backends)
+    except (ImportError, AttributeError):   # a JAX without these internals: assume started
+        return True
+
+
+def _add_xla_flags(*flags):
+    current = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join(current + [f for f in flags if f not in current])
+
+
+def set_threads(threads):
+    """Intra-op threads of the backend's CPU work (0: the library's default, one per core).
+    Only before the backend starts computing; after that it keeps its setting and says so."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:
+            _note(f"TensorFlow already runs in this process with "
+                  f"{tf.config.threading.get_intra_op_parallelism_threads()} intra-op threads "
+                  f"(0: one per core), not --threads {threads}")
+    elif backend == "jax":
+        if threads and threads != intra_op_threads():
+            if _jax_started():
+                _note(f"JAX already runs in this process; --threads {threads} is not applied")
+            else:
+                _add_xla_flags("--xla_cpu_multi_thread_eigen=false",
+                               f"intra_op_parallelism_threads={threads}")
+                os.environ["TRAIN_THREADS"] = str(threads)
+    elif backend == "torch":
+        import torch
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def intra_op_threads():
+    """The backend's intra-op threads as set (0: one per core), for the run record."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return tf.config.threading.get_intra_op_parallelism_threads()
+    if backend == "jax":
+        return int(os.environ.get("TRAIN_THREADS", 0))
+    import torch
+    return torch.get_num_threads()
+
+
+def enable_determinism():
+    """Same inputs, same machine and library build: the same weights, bit for bit."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+    elif backend == "jax":
+        if not _jax_started():
+            _add_xla_flags("--xla_gpu_deterministic_ops=true")
+        elif gpus():
+            _note("JAX already runs on a GPU in this process: XLA's deterministic GPU ops are off")
+    elif backend == "torch":
+        import torch
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def versions():
+    """Library versions that decide a run's numbers."""
+    import platform
+    out = {"python": platform.python_version(), "keras": keras.__version__,
+           "backend": name(), "numpy": np.__version__}
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        out["tensorflow"] = tf.__version__
+    elif backend == "jax":
+        import jax
+        import jaxlib
+        out |= {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    elif backend == "torch":
+        import torch
+        out["torch"] = torch.__version__
+    return out
+
+
+def gpus():
+    """Names of the GPUs the backend sees."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return [d.name for d in tf.config.list_logical_devices("GPU")]
+    if backend == "jax":
+        import jax
+        return [str(d) for d in jax.devices() if d.platform == "gpu"]
+    import torch
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def _visible():
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return gpus() or [d.name for d in tf.config.list_logical_devices("CPU")]
+    if backend == "jax":
+        import jax
+        return [str(d) for d in jax.devices()]
+    return gpus() or ["cpu"]
+
+
+def pick_devices(workers, devices=None):
+    """Names of the run's K devices: `devices` of them, else the most visible GPUs dividing W.
+
+    Each holds W / K of a step's worker slices. Without GPUs they are the CPU's devices: one,
+    unless the process split the CPU before the backend started (the tests do).
+    """
+    found = gpus()
+    visible = _visible()
+    if devices is None:
+        devices = max(k for k in range(1, len(found) + 1) if workers % k == 0) if found else 1
+        if devices < len(found):
+            _note(f"{len(found)} GPUs visible; W = {workers} workers use {devices} "
+                  f"(K devices must divide W)")
+    if workers % devices:
+        raise SystemExit(f"error: --devices {devices} should divide the workers W = {workers}")
+    if devices > 1 and name() == "torch":
+        raise SystemExit(f"error: --devices {devices}: Keras {keras.__version__} has no "
+                         f"multi-device training for the torch backend; use --devices 1, or "
+                         f"KERAS_BACKEND=jax or tensorflow")
+    if devices > len(visible):
+        raise SystemExit(f"error: --devices {devices}, but {len(visible)} device(s) visible: "
+                         f"{', '.join(visible)}")
+    return visible[:devices]
+
+
+def slices_per_replica(workers, devices):
+    """How many worker slices one model replica's batch holds: W / K under TensorFlow's
+    MirroredStrategy (each replica runs the model on its own part of the step), W under
+    JAX's DataParallel (the model runs once on the global, sharded batch)."""
+    return workers // devices if name() == "tensorflow" else workers
+
+
+def parallel_name():
+    return "MirroredStrategy" if name() == "tensorflow" else "keras.distribution.DataParallel"
+
+
+@contextlib.contextmanager
+def distributed(names):
+    """The scope in which a model for these devices is built, compiled and trained."""
+    if len(names) == 1:
+        yield
+        return
+    if name() == "tensorflow":
+        import tensorflow as tf
+        with tf.distribute.MirroredStrategy(names).scope():
+            yield
+        return
+    import jax
+    devices = [d for d in jax.devices() if str(d) in names]
+    distribution = keras.distribution.DataParallel(devices=devices)
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(distribution)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
+
+
+def steps_per_execution(wanted, devices):
+    """Keras' steps_per_execution, where the backend can do several steps per call."""
+    if name() == "torch" or (name() == "tensorflow" and devices > 1):
+        # torch in Keras 3.15: steps_per_execution > 1 is not supported by its trainer;
+        # TensorFlow under MirroredStrategy fails with several ("You must feed a value for
+        # placeholder tensor").
+        return 1
+    return wanted
+
+
+# ---------------------------------------------------------------------------
+# JAX: several training steps per compiled call.
+
+class ScanLoop:
+    """Train a compiled Keras model on JAX with `steps` steps fused into one jitted call.
+
+    Each call runs Keras' own stateless `model.train_step` (the function `fit` jits: loss,
+    regularization, loss scaling, SGD, metrics) under `jax.lax.scan`, with the batches
+    built on the device: the training set, normalized and padded once (`padded`, float32
+    (n, 40, 40, 3)), is indexed, cropped and mirrored by the integer draws the host makes
+    for the epoch (cifar10.epoch_draws), so only those draws cross to the device. The
+    batches are therefore the ones cifar10.TrainBatches gives `fit`, bit for bit.
+    A call's steps beyond the epoch's end are masked out (they leave the state as it is),
+    so one compiled function serves every call of every epoch.
+    """
+
+    def __init__(self, model, padded, labels, batch, steps):
+        import jax
+        import jax.numpy as jnp
+        from cifar10 import SIDE
+        self.model, self.batch, self.steps = model, batch, steps
+        # What fit does before its first step: build the compiled loss and metrics, whose
+        # variables are part of the state.
+        model._symbolic_build(data_batch=(np.zeros((batch, SIDE, SIDE, padded.shape[-1]), np.float32),
+                                          np.zeros(batch, np.int32)))
+        self.padded = jnp.asarray(padded)
+        self.labels = jnp.asarray(labels, jnp.int32)
+        self._call = jax.jit(self._run)
+
+    def _images(self, index, rows, cols, flips):
+        import jax
+        import jax.numpy as jnp
+        from cifar10 import SIDE
+
+        def crop(image, r, c):
+            return jax.lax.dynamic_slice(image, (r, c, 0), (SIDE, SIDE, image.shape[-1]))
+        x = jax.vmap(crop)(self.padded[index], rows, cols)
+        return jnp.where(flips[:, None, None, None] == 1, x[:, :, ::-1], x)
+
+    def _run(self, state, draws, valid):
+        import jax
+
+        def step(state, inputs):
+            (index, rows, cols, flips), ok = inputs
+
+            def train(state):
+                x = self._images(index, rows, cols, flips)
+                return self.model.train_step(state, (x, self.labels[index]))[1]
+            return jax.lax.cond(ok, train, lambda s: s, state), None
+        return jax.lax.scan(step, state, (draws, valid))[0]
+
+    def state(self):
+        return self.model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                         optimizer_variables=True, metrics_variables=True)
+
+    def sync(self, state):
+        m = self.model
+        groups = (m.trainable_variables, m.non_trainable_variables, m.optimizer.variables,
+                  m.metrics_variables)
+        for refs, values in zip(groups, state):
+            for ref, value in zip(refs, values):
+                ref.assign(value)
+
+    def run(self, draws, start, stop):
+        """Train steps start..stop-1 of the epoch whose draws are given (cifar10.epoch_draws:
+        order, rows, cols, flips, each (n,)), in calls of self.steps; `stop` may be a callable
+        that says, between calls, to stop early. Returns the steps done and the metrics."""
+        import jax.numpy as jnp
+        order, rows, cols, flips = draws
+        done, state = start, self.state()
+        while done < stop:
+            n = min(self.steps, stop - done)
+            pos = np.arange(done * self.batch, (done + self.steps) * self.batch) % len(order)
+            pos = pos.reshape(self.steps, self.batch)
+            chunk = tuple(jnp.asarray(a[pos].astype(np.int32)) for a in (order, rows, cols, flips))
+            valid = jnp.asarray(np.arange(self.steps) < n)
+            state = self._call(state, chunk, valid)
+            done += n
+            if self.should_stop():
+                break
+        self.sync(state)
+        return done, {k: float(v) for k, v in self.model.get_metrics_result().items()}
+
+    should_stop = staticmethod(lambda: False)

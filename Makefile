@@ -13,7 +13,7 @@ $(VENV)/.stamp: requirements.txt requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
-$(BVENV)/.stamp: requirements-backends.txt
+$(BVENV)/.stamp: requirements-backends.txt requirements-jax.txt
 	$(PY) -m venv $(BVENV)
 	$(BVENV)/bin/pip install -q --upgrade pip
 	$(BVENV)/bin/pip install -q -r requirements-backends.txt

@@ -604,18 +604,25 @@ def median_last5(history):
     return float(statistics.median(e["test_error"] for e in history[-5:]))
 
 
-def provenance():
+def git_commit():
+    """HEAD (with -dirty for local changes), or $TRAIN_GIT_COMMIT where the caller says it: on
+    a machine that got a copy of the tree (gpu.sh), whose own .git, if any, may name another
+    commit with the copied files as local changes."""
+    if os.environ.get("TRAIN_GIT_COMMIT"):
+        return os.environ["TRAIN_GIT_COMMIT"]
     repo = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
-        commit += "-dirty" if dirty else ""
+        return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy of the tree without .git (a borrowed GPU machine): the caller may say it.
-        commit = os.environ.get("TRAIN_GIT_COMMIT", "unknown")
-    return {"git_commit": commit, "versions": backends.versions(), "host": platform.node(),
+        return "unknown"
+
+
+def provenance():
+    return {"git_commit": git_commit(), "versions": backends.versions(), "host": platform.node(),
             "cpus": os.cpu_count(), "gpus": backends.gpus(),
             "intra_op_threads": backends.intra_op_threads()}
 

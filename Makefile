@@ -5,11 +5,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 BVENV := .venv-backends
 
-.PHONY: quick test test-tf test-backends slurm-deps clean-venv
+.PHONY: quick quick-jpeg test test-tf test-backends slurm-deps clean-venv
 
-$(VENV)/.stamp: requirements.txt requirements-test.txt
+# The runtime (what the main job needs), then the test dependencies on top of it.
+$(VENV)/.stamp-run: requirements.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.stamp: $(VENV)/.stamp-run requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
@@ -19,11 +24,21 @@ $(BVENV)/.stamp: requirements-backends.txt requirements-jax.txt
 	$(BVENV)/bin/pip install -q -r requirements-backends.txt
 	touch $@
 
-# The main job: every norm and batch size of the grid at the quick profile's
-# scale, then reproduce.py and plot.py (results.csv, plot.png).
+# The main job: every norm and batch size of the grid at the quick profile's scale,
+# then reproduce.py and plot.py: models/quick/, logs/quick/, results-quick.csv,
+# plot-quick.png, curves-quick.png (apart from the paper-scale runs in models/).
 # CIFAR10_DIR=... points at a copy of CIFAR-10; LABEL="..." names it in the figure.
-quick: $(VENV)/.stamp
-	$(BIN)/python train.py --profile quick $(if $(LABEL),--label "$(LABEL)")
+quick: $(VENV)/.stamp-run
+	$(BIN)/python train.py --profile quick --models-dir models/quick --logs-dir logs/quick \
+		--results results-quick.csv --plot plot-quick.png $(if $(LABEL),--label "$(LABEL)")
+
+# The main job on a machine without network that holds the JPEG copy of CIFAR-10 beside
+# the checkout (../shared/data): convert it (with pillow) into JPEG_DIR, then `quick` on it.
+JPEG_DIR ?= /tmp/cifar10-jpeg
+quick-jpeg: $(VENV)/.stamp-run
+	$(BIN)/pip install -q "pillow>=10"
+	test -d $(JPEG_DIR)/cifar-10-batches-py || $(BIN)/python ../shared/data/cifar10_jpeg.py $(JPEG_DIR)
+	$(MAKE) quick CIFAR10_DIR=$(JPEG_DIR) LABEL="CIFAR-10, JPEG re-encoded copy (not the official files)"
 
 test: test-tf test-backends
 

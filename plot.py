@@ -272,6 +272,17 @@ def spread_note(agg):
                                  for k in kinds)
 
 
+def missing_note(df):
+    """'; no runs yet: BN at 8, 4, 2' for the paper's batch sizes that have no point."""
+    missing = []
+    for norm in sorted(set(df["norm"])):
+        have = set(df.loc[df["norm"] == norm, "batch_size"].astype(int))
+        lacking = [str(b) for b in BATCH_SIZES if b not in have]
+        if lacking:
+            missing.append(f"{STYLE.get(norm, {}).get('name', norm)} at {', '.join(lacking)}")
+    return f"; no runs yet: {'; '.join(missing)}" if missing else ""
+
+
 def plot_figure1(df, out, metric="median_last5_error", label=None):
     """Two panels: this reproduction (CIFAR-10) and the paper's ImageNet Table 2."""
     agg = aggregate(df, metric)
@@ -285,12 +296,14 @@ def plot_figure1(df, out, metric="median_last5_error", label=None):
                "validation error (%)")
     fig.suptitle("Group Normalization, Figure 1: error against batch size per worker",
                  fontsize=12, y=0.985)
-    fig.text(0.5, 0.94, _wrapped(provenance(df, label)) + "\n"
-             + f"points: {METRICS.get(metric, metric)}, mean over seeds; "
-             f"{spread_note(agg)}; numbers at the bottom: BN \u2212 GN in points",
+    subtitle = (_wrapped(provenance(df, label)) + "\n"
+                + _wrapped(f"points: {METRICS.get(metric, metric)}, mean over seeds; "
+                           f"{spread_note(agg)}; numbers at the bottom: BN \u2212 GN in points"
+                           + missing_note(df)))
+    fig.text(0.5, 0.94, subtitle,
              ha="center", va="top", fontsize=8.5, color="0.25", linespacing=1.4)
     fig.tight_layout()
-    fig.subplots_adjust(top=0.76)
+    fig.subplots_adjust(top=0.88 - 0.04 * (subtitle.count("\n") + 1))   # room for the subtitle
     save_atomic(fig, out)
     return agg
 

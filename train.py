@@ -916,7 +916,9 @@ def run_profile(args, stop):
     # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
     # epochs those 5 include its first ones, so a reduced profile plots the final error.
     metric = [] if grid(args.profile)[0].epochs >= 20 else ["--metric", "test_error"]
-    curves = str(Path(args.plot).with_name("curves.png"))
+    plot = Path(args.plot)   # plot.png -> curves.png, plot-quick.png -> curves-quick.png
+    curves = str(plot.with_name(plot.name.replace("plot", "curves", 1) if "plot" in plot.name
+                                else f"{plot.stem}-curves.png"))
     for cmd in ([here / "reproduce.py", "--models-dir", args.models_dir, "--out", args.results, *data],
                 [here / "plot.py", "--results", args.results, "--out", args.plot, *label, *metric],
                 [here / "plot.py", "--curves", "--models-dir", args.models_dir, "--out", curves, *label]):

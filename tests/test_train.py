@@ -66,13 +66,45 @@ def test_resnet20_structure(norm, cls):
     assert model.output.shape[-1] == 10
 
 
-def test_resnet20_he_init_and_weight_decay():
+def tails(w, std):
+    """Fractions of w beyond 2.5 and 3 std: a normal's 1.24 % and 0.27 %; a normal truncated
+    at 2 (rescaled) std, as Keras' HeNormal draws, has none beyond 2.28 std."""
+    z = np.abs(np.ravel(w)) / std
+    return float(np.mean(z > 2.5)), float(np.mean(z > 3))
+
+
+def test_resnet20_he_init_is_untruncated_with_fan_in():
+    keras.utils.set_random_seed(0)
     model = train.build_resnet20("bn")
-    conv = model.get_layer("stage3_block2_conv1")
-    std = float(np.std(conv.kernel.numpy()))
-    assert abs(std - np.sqrt(2 / (3 * 3 * 64))) < 0.01
-    # Every trainable weight carries L2 = decay / 2 (gradient decay * w): count the losses.
-    assert len(model.losses) == len(model.trainable_weights)
+    # std sqrt(2 / fan_in): 3x3x32 -> 64 has fan_in 288, fan_out 576 (0.083 against 0.059).
+    kernel = model.get_layer("stage3_block1_conv1").kernel.numpy()
+    assert np.std(kernel) == pytest.approx(np.sqrt(2 / 288), rel=0.03)
+    # Untruncated: the tails of 36,864 weights (standard errors 0.06 % and 0.03 %).
+    std = np.sqrt(2 / 576)
+    beyond_2_5, beyond_3 = tails(model.get_layer("stage3_block2_conv1").kernel.numpy(), std)
+    assert 0.0095 < beyond_2_5 < 0.0155 and 0.0015 < beyond_3 < 0.004
+    # The same statistic on a truncated draw of the same std and shape fails these bounds.
+    truncated = keras.initializers.HeNormal(seed=0)((3, 3, 64, 64))
+    assert np.std(truncated) == pytest.approx(std, rel=0.03)
+    assert tails(truncated, std) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_weight_decay_is_1e_4_times_w_on_every_trainable_weight(norm):
+    """Each trainable weight w alone adds 0.5 * 1e-4 * sum(w^2) to model.losses (gradient
+    1e-4 * w, the paper's decay): a weight without decay, or with another coefficient, fails."""
+    model = train.build_resnet20(norm)
+    for v in model.trainable_weights:
+        v.assign(np.zeros(v.shape, "float32"))
+    # Moving statistics (BN's moving_variance is 1) carry none.
+    assert sum(float(loss) for loss in model.losses) == 0
+    rng = np.random.default_rng(0)
+    for v in model.trainable_weights:
+        w = rng.normal(0, 1, v.shape).astype("float32")
+        v.assign(w)
+        assert sum(float(loss) for loss in model.losses) == \
+            pytest.approx(0.5 * 1e-4 * np.sum(w.astype(np.float64) ** 2), rel=1e-5), v.path
+        v.assign(np.zeros(v.shape, "float32"))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -199,6 +231,23 @@ def test_run_writes_model_record_and_one_line_per_epoch(reference, cifar_dir):
     assert record["git_commit"] and record["images_per_second"] > 0
     assert not list((root / "models").glob("checkpoints/*")), "the checkpoint is removed at the end"
     assert not list(root.rglob(".*.tmp*")), "no temporary file is left"
+
+
+def test_recorded_lr_is_the_optimizers_rate_at_every_step_of_its_epoch(reference):
+    """The record's lr (a formula in end_epoch) against the saved optimizer's own schedule
+    (compile_model's PiecewiseConstantDecay), at the step counts each epoch's updates used:
+    a boundary off by one step differs at the first or last step of an epoch."""
+    root, _ = reference
+    record = json.loads((root / "models" / "gn_b4_s3.json").read_text())
+    optimizer = keras.models.load_model(root / "models" / "gn_b4_s3.keras").optimizer
+    steps = 500 // 4   # training images / images per step
+    assert int(optimizer.iterations) == 3 * steps
+    for i, entry in enumerate(record["history"]):
+        rates = []
+        for step in range(i * steps, (i + 1) * steps):
+            optimizer.iterations.assign(step)   # an update at step s uses the rate at s
+            rates.append(float(optimizer.learning_rate))
+        np.testing.assert_allclose(rates, entry["lr"], rtol=1e-6, err_msg=f"epoch {i + 1}")
 
 
 def test_final_evaluation_matches_saved_model(reference, cifar_dir):

@@ -201,9 +201,30 @@ def test_cli_errors(argv, message, capsys):
 
 
 def test_more_devices_than_visible_is_a_clear_error():
-    with pytest.raises(SystemExit, match=r"--devices 2, but 1 device\(s\) visible"):
-        backends.pick_devices(2, 2)
-    assert len(backends.pick_devices(8)) == 1   # no GPU here: one device
+    # Whatever this machine has: its GPUs, else one CPU device (this process does not split it).
+    visible = len(backends.gpus()) or 1
+    ask = visible + 1
+    with pytest.raises(SystemExit, match=fr"--devices {ask}, but {visible} device\(s\) visible"):
+        backends.pick_devices(ask, ask)
+    # By default, the most GPUs that divide W = 8, by hand: 1, 2, 4 or 8 of them.
+    assert len(backends.pick_devices(8)) == max(k for k in (1, 2, 4, 8) if k <= visible)
+
+
+def test_default_devices_are_the_most_gpus_dividing_w(monkeypatch):
+    """pick_devices' choice for 0 to 9 GPUs, whatever this machine has (its GPUs faked)."""
+    def fake(count):
+        names = [f"/device:GPU:{i}" for i in range(count)]
+        monkeypatch.setattr(backends, "gpus", lambda: names)
+        monkeypatch.setattr(backends, "_visible", lambda: names or ["/device:CPU:0"])
+    chosen = {}
+    for count in range(10):
+        fake(count)
+        chosen[count] = [len(backends.pick_devices(w)) for w in (8, 6, 1)]
+    assert chosen == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 2, 1], 3: [2, 3, 1], 4: [4, 3, 1],
+                      5: [4, 3, 1], 6: [4, 6, 1], 7: [4, 6, 1], 8: [8, 6, 1], 9: [8, 6, 1]}
+    fake(2)
+    with pytest.raises(SystemExit, match=r"--devices 4, but 2 device\(s\) visible"):
+        backends.pick_devices(8, 4)
 
 
 def test_figure_says_how_many_workers(tmp_path, monkeypatch):

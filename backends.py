@@ -200,13 +200,22 @@ def distributed(names):
 
 
 def steps_per_execution(wanted, devices):
-    """Keras' steps_per_execution, where the backend can do several steps per call."""
+    """Keras' steps_per_execution, where the backend can do several steps per call (else 1,
+    said once per process in a note)."""
     if name() == "torch" or (name() == "tensorflow" and devices > 1):
         # torch in Keras 3.15: steps_per_execution > 1 is not supported by its trainer;
         # TensorFlow under MirroredStrategy fails with several ("You must feed a value for
         # placeholder tensor").
+        if wanted > 1 and not _said_one_step:
+            _said_one_step.append(True)
+            where = "PyTorch" if name() == "torch" else "TensorFlow on several devices"
+            _note(f"{where} runs one training step per compiled call "
+                  f"(steps_per_execution 1, not {wanted})")
         return 1
     return wanted
+
+
+_said_one_step = []   # the note above, once per process
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The paper-scale sweep on a borrowed GPU machine that has JAX but no TensorFlow or Keras
-# (the `device` tool of this workplace; any such machine will do). One call:
+# (the `device` tool of this workplace; any such machine will do).
 #
-#   bash gpu.sh SECONDS [TASK ...]     # default tasks: seed 1 of the default grid (0-9)
+#   bash gpu.sh prepare [../shared/data]   # here: fill .gpu/ (wheels, the JPEG copy's npz)
+#   TRAIN_GIT_COMMIT=$(git rev-parse HEAD) bash gpu.sh SECONDS [TASK ...]   # there, one call
+#                 # default tasks: the default grid's entries without a run record in models/
 #
-# 1. installs the wheels carried in .gpu/wheels/ (keras, optree, namex) into .gpu/site/;
+# 1. installs the wheels carried in .gpu/wheels/ (keras, optree, namex) into .gpu/site/
+#    where Keras is missing;
 # 2. writes CIFAR-10 (the JPEG copy's .gpu/cifar10-jpeg.npz, in the official folder layout)
 #    into .gpu/data/, in the background;
 # 3. first call only (no .gpu/bench.txt yet): bench.py loop, at most BENCH_SECONDS: the scan
@@ -18,29 +21,57 @@
 # Calling it again on the same machine resumes the unfinished runs from their checkpoints.
 # TRAIN_ARGS="--epochs 1 --train-images 500" adds arguments to every train.py (a rehearsal).
 #
-# Prepare here (the README's "Paper scale on a borrowed GPU" says how): .gpu/wheels/,
-# .gpu/cifar10-jpeg.npz and .gpu/cifar10_jpeg.py, in a git-ignored .gpu/ that the call carries.
+# TRAIN_GIT_COMMIT names the commit in the run records (the copy there may lack .git).
+# A later call that carries .gpu again skips the benchmark if .gpu/bench.txt is there.
 set -uo pipefail
 cd "$(dirname "$0")" || exit 2
-budget=${1:?usage: bash gpu.sh SECONDS [TASK ...]}
+
+if [[ ${1:-} == prepare ]]; then
+    # Here, before the GPU's clock starts: what the call carries, in a git-ignored .gpu/.
+    shared=${2:-../shared/data}
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+    mkdir -p .gpu/wheels
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 -d .gpu/wheels keras==3.15.1 optree==0.20.0 namex || exit 1
+    cp "$shared/cifar10-jpeg.npz" "$shared/cifar10_jpeg.py" .gpu/ || exit 1
+    du -sh .gpu
+    echo "gpu.sh prepare: done; carry .gpu and run: TRAIN_GIT_COMMIT=\$(git rev-parse HEAD) bash gpu.sh SECONDS"
+    exit 0
+fi
+
+budget=${1:?usage: bash gpu.sh SECONDS [TASK ...]  |  bash gpu.sh prepare [SHARED_DATA_DIR]}
 shift
-tasks=${*:-0 5 1 6 2 7 3 8 4 9}
 JOBS=${JOBS:-4}
 BENCH_SECONDS=${BENCH_SECONDS:-120}
 PACK_SECONDS=${PACK_SECONDS:-45}
+START_SECONDS=${START_SECONDS:-60}   # no run starts with less than this left before the deadline
 out=${OUT:-.gpu/out}
 mkdir -p "$out" .gpu/console
 exec > >(tee -a "$out/gpu.log") 2>&1
 
 elapsed() { echo $((SECONDS)); }
-echo "gpu.sh: $(date '+%F %T'), budget ${budget}s, tasks: $tasks, $JOBS at a time"
+echo "gpu.sh: $(date '+%F %T'), budget ${budget}s, $JOBS runs at a time"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-if [[ ! -d .gpu/site/keras ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/wheels/*.whl || exit 1
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
+if ! python3 -c 'import keras' 2>/dev/null; then
+    [[ -d .gpu/site/keras ]] ||
+        python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/wheels/*.whl ||
+        exit 1
+    export PYTHONPATH=$PWD/.gpu/site
 fi
-export PYTHONPATH=$PWD/.gpu/site KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "keras", keras.__version__)' || exit 1
+
+# Default: the grid entries with no run record in models/ (the committed paper-scale runs),
+# seed by seed, largest batch first, BN and GN alternating.
+if (($#)); then
+    tasks=$*
+else
+    tasks=$(python3 train.py --grid | awk '!/^#/' | sort -k10,10n -k6,6nr -k4,4 |
+        while read -r i name _; do [[ -f models/$name.json ]] || echo "$i"; done | xargs)
+fi
+echo "gpu.sh: tasks: ${tasks:-none left}"
 
 data_pid=""
 if [[ ! -d .gpu/data/cifar-10-batches-py ]]; then
@@ -79,7 +110,7 @@ while ((${#queue[@]} || ${#pids[@]})); do
             unset "pids[$t]"
         fi
     done
-    while ((${#queue[@]} && ${#pids[@]} < JOBS && SECONDS < deadline - 60)); do
+    while ((${#queue[@]} && ${#pids[@]} < JOBS && SECONDS < deadline - START_SECONDS)); do
         t=${queue[0]}
         queue=("${queue[@]:1}")
         # shellcheck disable=SC2086  # TRAIN_ARGS: extra train.py arguments, word-split
@@ -88,7 +119,7 @@ while ((${#queue[@]} || ${#pids[@]})); do
         pids[$t]=$!
         echo "gpu.sh: task $t started (pid $!) at $(elapsed)s"
     done
-    if ((${#queue[@]} && !${#pids[@]})) && ((SECONDS >= deadline - 60)); then
+    if ((${#queue[@]} && !${#pids[@]})) && ((SECONDS >= deadline - START_SECONDS)); then
         echo "gpu.sh: too little time left to start tasks ${queue[*]}"
         break
     fi

@@ -3,7 +3,9 @@
     python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
     python train.py --norm bn --batch-size 4 --workers 8 # 8 workers of 4 images per step
     python train.py --task 7 [--devices 2]               # the 7th entry of the sweep grid
-                                                         # (on 2 GPUs: MirroredStrategy)
+                                                         # (on 2 GPUs: see backends.py)
+    KERAS_BACKEND=jax python train.py ...                # any Keras backend: TensorFlow
+                                                         # (default), JAX, PyTorch
     python train.py --grid [--profile quick]             # print the grid (train.sh reads it)
     python train.py --profile quick                      # every grid entry at laptop scale,
                                                          # then reproduce.py and plot.py
@@ -14,8 +16,9 @@ A run NAME (e.g. bn_b4_w8_s1; gn_b32_s1 at W = 1) writes models/NAME.keras (the 
 model), models/NAME.json (its run record: configuration, per-epoch history, the paper's
 statistic, provenance) and logs/NAME/ (TensorBoard scalars). It checkpoints to
 models/checkpoints/ at every epoch end and, on SIGUSR1/SIGTERM, at the end of the current
-step, then exits with status 75; rerunning the same command resumes and ends with the same
-weights as an uninterrupted run (resumed on other --devices: up to float rounding).
+compiled call (IMAGES_PER_EXECUTION images of steps under fit, IMAGES_PER_SCAN under JAX's
+scan loop), then exits with status 75; rerunning the same command resumes and ends with the
+same weights as an uninterrupted run (resumed on other --devices: up to float rounding).
 """
 import argparse
 import contextlib
@@ -44,7 +47,7 @@ class StopOnSignal:
 
     def handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
-        print(f"received {self.requested}: checkpointing at the end of the current step", flush=True)
+        print(f"received {self.requested}: checkpointing at the end of the current call", flush=True)
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
@@ -753,7 +756,7 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:10]))
+                                epilog="\n".join(__doc__.splitlines()[2:12]))
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
@@ -791,11 +794,12 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, help="(whole profile) runs at a time (default: one per "
                                             "core on a CPU, 1 with a GPU)")
     p.add_argument("--threads", type=int, default=THREADS,
-                   help=f"TensorFlow intra-op threads per process, 0 = one per core "
+                   help=f"intra-op threads per process (TensorFlow, XLA on a CPU, torch), "
+                        f"0 = one per core "
                         f"(default {THREADS}: see THREADS in train.py)")
     gpu = p.add_argument_group("speed options for GPUs (off by default; see python bench.py train)")
     gpu.add_argument("--jit-compile", action="store_true",
-                     help="compile the training step with XLA")
+                     help="compile the training step with XLA (TensorFlow; JAX always does)")
     gpu.add_argument("--mixed-precision", action="store_true",
                      help="mixed_float16: float16 convolutions, float32 weights, normalization "
                           "statistics and logits, loss scaling")

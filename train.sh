@@ -12,7 +12,7 @@
 #
 # Preemption and time limits: SLURM sends SIGUSR1 to this script 5 minutes before the time
 # limit (--signal below); it passes the signal to train.py, which checkpoints at the end of
-# its current step and exits with status 75; this array task then requeues itself and, when
+# its current compiled call and exits with status 75; this array task then requeues itself and, when
 # it runs again, resumes from the checkpoint. SIGTERM (preemption, scancel) also makes
 # train.py checkpoint, but the task is not requeued by this script: SLURM requeues preempted
 # jobs itself (--requeue), and a cancelled task resumes when it is submitted again. A task

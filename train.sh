@@ -56,6 +56,12 @@ if [[ -f .venv/bin/activate ]]; then
     source .venv/bin/activate
 fi
 PYTHON=${PYTHON:-python}
+# Another Keras backend, with no TensorFlow needed (requirements-jax.txt), e.g.
+#   export KERAS_BACKEND=jax            # and a venv with jax[cuda12]: PYTHON=.venv-jax/bin/python
+# One task uses one node's GPUs (train.py --devices K: TensorFlow's MirroredStrategy or JAX's
+# DataParallel). Untested here: JAX across several nodes would start each process with
+# `srun` and call keras.distribution.initialize() (JAX reads SLURM's variables) before
+# building the model; this sweep does not need it (ResNet-20 fits one GPU at any N).
 # Compute nodes often have no internet: point train.py at a copy of CIFAR-10, e.g.
 #   export CIFAR10_DIR=$HOME/data    # holds cifar-10-batches-py/ or cifar-10-python.tar.gz
 export PYTHONUNBUFFERED=1

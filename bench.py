@@ -1,21 +1,36 @@
 """Performance measurements, printed side by side (timing is not a test).
 
-    python bench.py train [--quick] [--workers 8] [--threads T] [--jit-compile] [--mixed-precision]
+    python bench.py train [--quick] [--workers 1 8] [--threads T] [--jit-compile] [--mixed-precision]
+    python bench.py backends [--backends tensorflow jax torch] [--python-jax PATH] [--quick]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
     KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
 
-`train`: training throughput (images per second after warm-up) of train.py's ResNet-20
-with BN and with GN at batch sizes 32 to 2, trained as train.py trains it (its builder,
-compile_model, cifar10.train_dataset, the callback of train_epoch), and in the same run
-a plain baseline: the same architecture with keras.layers.BatchNormalization /
-GroupNormalization, compiled with SGD and Keras' defaults (one step per call), fed
-from NumPy arrays by model.fit with default settings (verbose=0). The configurations
-are interleaved in every repeat (a busy CPU slows them alike); the table shows medians,
-the ratios to the baseline, GN/BN, each batch size against 32, and the wall time of
-the full sweep (train.py's grid, 100 epochs of 50,000 training and 10,000 test images)
-at those rates. The images are synthetic (speed does not depend on them), so no data
-set is needed. TensorFlow's intra-op threads are set per process, so the baseline runs
-with train.py's THREADS too (compare --threads 0 for TensorFlow's default).
+`train` (on the backend of KERAS_BACKEND: tensorflow, jax or torch; the default is
+tensorflow where it is installed, else jax): training throughput (images per second after
+warm-up) of train.py's ResNet-20 with BN and with GN at batch sizes N = 32 to 2 and W
+workers, trained as train.py trains it (build_model, compile_model, train.Batches of
+cifar10.TrainBatches, train.StepCallback), and in the same run a plain baseline: the same
+architecture with keras.layers.BatchNormalization (over all W * N images of a step) /
+GroupNormalization, compiled with SGD and Keras' defaults (one step per call), fed from
+NumPy arrays by model.fit with default settings (verbose=0). Each configuration is built,
+compiled and run once untimed first; the configurations are interleaved in every repeat
+(a busy CPU slows them alike); the table shows medians, the ratios to the baseline,
+GN/BN, each batch size against 32, the cores kept busy (process CPU seconds per second),
+the rate of train.evaluate's inference (predict on the test inputs, in batches of
+train.EVAL_BATCH_SIZE) and the wall time of the full sweep (train.py's grid, 100 epochs of
+50,000 training and 10,000 test images) at those rates. The images are synthetic (speed
+does not depend on them), so no data set is needed. Intra-op threads are set per process
+(backends.set_threads), so the baseline runs with train.py's THREADS too (compare
+--threads 0 for the library's default).
+
+`backends`: `train`'s measurement of ours on several backends side by side, in one run:
+one worker process per backend (`bench.py train --serve`, with that backend's Python:
+this one for TensorFlow, .venv-backends' for JAX and torch where it exists, or
+--python-BACKEND), each with the same --threads. The workers start one after the other
+(building, compiling, warming up), then every repeat visits each configuration on each
+backend in turn, the backends' order rotating between repeats, while the other workers
+wait: a busy CPU slows all alike. One table: rows (norm, N, W), img/s of each backend,
+the ratios to the first backend, the cores each kept busy; then evaluation's img/s.
 
 `layer`: forward plus backward (gradients for the input and the weights) of
 layer.GroupNormalization, keras.layers.GroupNormalization and
@@ -24,16 +39,25 @@ shapes, compiled as training compiles them (tf.function under TensorFlow, jax.ji
 under JAX; eager under PyTorch, as Keras' torch trainer runs). Warm-up excluded; the
 three layers are interleaved in every repeat so a busy CPU slows all of them alike,
 and the table shows medians over repeats and the ratios to BatchNormalization.
-Writes nothing; prints the table to stdout.
+
+`loop`: JAX only, the scan loop (backends.ScanLoop) against fit, as a GPU runs the sweep.
+
+Writes nothing; prints the tables to stdout.
 """
 import argparse
+import contextlib
+import importlib.util
 import inspect
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("KERAS_BACKEND",
+                      "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -41,6 +65,7 @@ import numpy as np  # noqa: E402
 
 FEATURE_MAPS = [(32, 32, 16), (16, 16, 32), (8, 8, 64)]  # ResNet-20's three stages
 GROUPS = 8  # what train.py uses
+EVAL_IMAGES = 2000  # test inputs of the evaluation rate (the first of the synthetic images)
 
 
 def candidates():
@@ -132,7 +157,9 @@ def print_table(shapes, names, ms):
 
 class Throughput(keras.callbacks.Callback):
     """Images per second from the first call that ends after `warmup` seconds of fit to
-    the first that ends `seconds` later, then stops fit. Counts across epochs."""
+    the first that ends `seconds` later, then stops fit. Counts across epochs. `cores`: the
+    process's CPU seconds per second over the same span (how many cores the backend's
+    threads and the input pipeline kept busy between them)."""
 
     def __init__(self, images_per_step, warmup, seconds):
         super().__init__()
@@ -149,15 +176,20 @@ class Throughput(keras.callbacks.Callback):
         now, self.steps, self.last = time.perf_counter(), self.steps + batch - self.last, batch
         if self.start is None:
             if now - self.begin >= self.warmup:
-                self.start = now, self.steps
+                self.start = now, self.steps, time.process_time()
         elif now - self.start[0] >= self.seconds:
-            self.end = now, self.steps
+            self.end = now, self.steps, time.process_time()
             self.model.stop_training = True
 
     @property
     def rate(self):
-        (t0, s0), (t1, s1) = self.start, self.end
+        (t0, s0, _), (t1, s1, _) = self.start, self.end
         return (s1 - s0) * self.images_per_step / (t1 - t0)
+
+    @property
+    def cores(self):
+        (t0, _, c0), (t1, _, c1) = self.start, self.end
+        return (c1 - c0) / (t1 - t0)
 
 
 class NoStop:
@@ -171,22 +203,37 @@ def synthetic(images, seed=0):
     return x, rng.integers(0, 10, images)
 
 
-def ours(norm, batch_size, args, x, y):
-    """fit(callback) for train.py's model, compiled and fed as train.py's train_epoch does."""
+class Images:
+    """Synthetic training images as train.py prepares a run's data: the padded set that
+    every epoch's batches are cut from (one copy, shared by every configuration), and the
+    test inputs that evaluation predicts on (the first `test` images, unaugmented)."""
+
+    def __init__(self, images, test=EVAL_IMAGES, seed=0):
+        import cifar10
+        self.x, self.y = synthetic(images, seed)
+        self.mean = cifar10.pixel_mean(self.x)
+        self.padded = cifar10.padded(self.x, self.mean)
+        self.test_inputs = cifar10.test_inputs(self.x[:test], self.mean)
+
+
+def ours(norm, batch_size, workers, args, data):
+    """fit(callback) for train.py's model, compiled and fed as train.py's _fit_epoch does:
+    build_model, compile_model, train.Batches of cifar10.TrainBatches, train.StepCallback."""
     import cifar10
     import train
-    cfg = train.Config(norm=norm, batch_size=batch_size, workers=args.workers,
+    cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers,
                        **{k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)})
-    step = batch_size * args.workers
-    total = cifar10.steps_per_epoch(len(y), step)
+    step = batch_size * workers
+    total = cifar10.steps_per_epoch(len(data.y), step)
     model = train.build_model(cfg)
     train.compile_model(model, cfg, total)
-    ds = cifar10.train_dataset(x, y, cifar10.pixel_mean(x), step, cfg.seed, 0)
-    stop = NoStop()
+    batches = train.Batches(cifar10.TrainBatches(data.padded, data.y, step, cfg.seed, 0))
+    steps = train.StepCallback(NoStop(), 0, total, False)
 
     def fit(callback):
-        model.fit(ds, epochs=10**6, verbose=0, shuffle=False,
-                  callbacks=[train.StepCallback(stop, 0, total, False), callback])
+        # train.py calls fit once per epoch on that epoch's batches; this fit goes over epoch
+        # 0's again and again until the callback stops it (the same batches, as fast).
+        model.fit(batches, epochs=10**6, verbose=0, shuffle=False, callbacks=[steps, callback])
     return model, fit
 
 
@@ -202,9 +249,11 @@ def keras_norm(layer_):
     return layer_.__class__.from_config(config)
 
 
-def baseline(norm, batch_size, args, x, y):
-    """fit(callback) for the plain baseline: the same architecture with Keras' BN or GN,
-    SGD with Keras' default compile settings, NumPy arrays, model.fit's defaults."""
+def baseline(norm, batch_size, workers, args, data):
+    """fit(callback) for the plain baseline: the same architecture with Keras' BN (over the
+    whole step of W * N images) or GN, SGD with Keras' default compile settings, NumPy
+    arrays, model.fit's defaults."""
+    import cifar10
     import train
     cfg = train.Config(norm=norm, batch_size=batch_size)
     model = keras.models.clone_model(train.build_resnet20(norm, train.GROUPS),
@@ -212,68 +261,122 @@ def baseline(norm, batch_size, args, x, y):
     model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=train.MOMENTUM),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    images = (x / np.float32(255) - x.mean(axis=0) / np.float32(255)).astype(np.float32)
+    images = cifar10.normalize(data.x, data.mean)
 
     def fit(callback):
-        model.fit(images, y, batch_size=batch_size * args.workers, epochs=10**6, verbose=0,
+        model.fit(images, data.y, batch_size=batch_size * workers, epochs=10**6, verbose=0,
                   callbacks=[callback])
     return model, fit
 
 
-def eval_rate(model, x, y, repeats=2):
-    """Images per second of train.evaluate's inference pass (median; warm-up excluded)."""
-    import cifar10
+KINDS = {"ours": ours, "keras": baseline}
+
+
+def configurations(args):
+    """(norm, N, W) of every measured run, in the order of the tables."""
+    return [(norm, n, w) for norm in args.norms for w in args.workers for n in args.batch_sizes]
+
+
+def prepare(args, data, kinds):
+    """{(norm, N, W, kind): (model, fit)}, each built, compiled and run once untimed
+    (tracing, compilation, the first steps) for `args.warmup` seconds after its first call."""
+    runs = {}
+    for norm, n, w in configurations(args):
+        for kind in kinds:
+            model, fit = KINDS[kind](norm, n, w, args, data)
+            fit(Throughput(n * w, 0.0, args.warmup))
+            runs[norm, n, w, kind] = model, fit
+    return runs
+
+
+def measure(runs, key, args):
+    """(img/s, cores) of one timed fit of runs[key], after its own warm-up seconds."""
+    timer = Throughput(key[1] * key[2], args.warmup, args.seconds)
+    runs[key][1](timer)
+    return timer.rate, timer.cores
+
+
+def eval_rate(model, data, repeats=2, warmup=True):
+    """Images per second of train.evaluate's inference pass (predict on the test inputs in
+    batches of train.EVAL_BATCH_SIZE); median of `repeats`, after one untimed pass."""
     import train
-    ds = cifar10.test_dataset(x, y, cifar10.pixel_mean(x), train.EVAL_BATCH_SIZE)
-    model.predict(ds, verbose=0)
+
+    def predict():
+        model.predict(data.test_inputs, batch_size=train.EVAL_BATCH_SIZE, verbose=0)
+    if warmup:
+        predict()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model.predict(ds, verbose=0)
+        predict()
         times.append(time.perf_counter() - start)
-    return len(y) / statistics.median(times)
+    return len(data.test_inputs) / statistics.median(times)
+
+
+def medians(samples):
+    """{key: [(rate, cores), ...]} -> ({key: median rate}, {key: median cores})."""
+    return ({k: statistics.median(r for r, _ in v) for k, v in samples.items()},
+            {k: statistics.median(c for _, c in v) for k, v in samples.items()})
+
+
+def threads_line(args):
+    import backends
+    return (f"intra-op threads {backends.intra_op_threads()} (--threads {args.threads}; "
+            f"0: one per core), set by backends.set_threads")
+
+
+def speed_line(args, runs):
+    import backends
+    if backends.name() == "tensorflow":
+        # Keras compiles without XLA where TensorFlow's op determinism is on: say what ran.
+        used = {bool(model.jit_compile)
+                for (*_, kind), (model, _) in runs.items() if kind == "ours"}
+        return f"--jit-compile {args.jit_compile}, XLA used {' '.join(map(str, sorted(used)))}"
+    return {"jax": "jitted (always on JAX)",
+            "torch": "eager (Keras' torch trainer)"}[backends.name()]
 
 
 def bench_train(args):
-    """Interleaved throughput of every (norm, batch size, ours/baseline); prints the tables."""
-    import train
-    train.set_threads(args.threads)   # before TensorFlow starts; one process: baseline too
-    print(f"TensorFlow intra-op threads {args.threads} (0: one per core), ours and keras alike; "
-          f"ours: jit_compile={args.jit_compile}, mixed_precision={args.mixed_precision}")
+    """Interleaved throughput of every (norm, N, W, ours/baseline); prints the tables."""
+    import backends
+    backends.set_threads(args.threads)   # before the backend starts; one process: baseline too
+    backends.enable_determinism()        # as train.py runs
     keras.utils.set_random_seed(0)
-    x, y = synthetic(args.images)
-    runs = {}
-    for norm in args.norms:
-        for n in args.batch_sizes:
-            for kind, make in (("ours", ours), ("keras", baseline)):
-                runs[norm, n, kind] = make(norm, n, args, x, y)
-    rates = {key: [] for key in runs}
+    data = Images(args.images)
+    runs = prepare(args, data, KINDS)
+    print(f"{threads_line(args)}, and backends.enable_determinism() as train.py: ours and "
+          f"keras alike; ours: {speed_line(args, runs)}, mixed_precision={args.mixed_precision}")
+    samples = {key: [] for key in runs}
     for _ in range(args.repeats):
-        for key, (model, fit) in runs.items():   # interleaved: each repeat visits every one
-            timer = Throughput(key[1] * args.workers, args.warmup, args.seconds)
-            fit(timer)
-            rates[key].append(timer.rate)
-    rate = {key: statistics.median(v) for key, v in rates.items()}
-    evals = {norm: eval_rate(runs[norm, args.batch_sizes[0], "ours"][0], x[:2000], y[:2000])
+        for key in runs:   # interleaved: each repeat visits every one
+            samples[key].append(measure(runs, key, args))
+    rate, cores = medians(samples)
+    evals = {norm: eval_rate(runs[norm, args.batch_sizes[0], args.workers[0], "ours"][0], data)
              for norm in args.norms}
-    print_train_table(args, rate, evals)
+    print_train_table(args, rate, cores, evals)
     print_sweep(args, rate, evals)
 
 
-def print_train_table(args, rate, evals):
+def print_train_table(args, rate, cores, evals):
+    import train
     top = max(args.batch_sizes)
     print(f"{'norm':<5}{'N':>4}{'W':>3}{'ours img/s':>12}{'keras img/s':>13}{'ours/keras':>12}"
-          f"{'GN/BN':>7}{'keras GN/BN':>13}{f'N/{top}':>7}{f'keras N/{top}':>14}")
-    for norm in args.norms:
-        for n in args.batch_sizes:
-            o, k = rate[norm, n, "ours"], rate[norm, n, "keras"]
-            gn_bn = [f"{rate['gn', n, c] / rate['bn', n, c]:.2f}"
-                     if {"bn", "gn"} <= set(args.norms) else "-" for c in ("ours", "keras")]
-            print(f"{norm:<5}{n:>4}{args.workers:>3}{o:>12.0f}{k:>13.0f}{o / k:>12.2f}"
-                  f"{gn_bn[0]:>7}{gn_bn[1]:>13}{o / rate[norm, top, 'ours']:>7.2f}"
-                  f"{k / rate[norm, top, 'keras']:>14.2f}")
-    print("evaluation (train.evaluate's inference, batch 1000): "
+          f"{'GN/BN':>7}{'keras GN/BN':>13}{f'N/{top}':>7}{f'keras N/{top}':>14}"
+          f"{'ours cores':>12}{'keras cores':>13}")
+    for norm, n, w in configurations(args):
+        o, k = rate[norm, n, w, "ours"], rate[norm, n, w, "keras"]
+        gn_bn = [f"{rate['gn', n, w, c] / rate['bn', n, w, c]:.2f}"
+                 if {"bn", "gn"} <= set(args.norms) else "-" for c in ("ours", "keras")]
+        print(f"{norm:<5}{n:>4}{w:>3}{o:>12.0f}{k:>13.0f}{o / k:>12.2f}"
+              f"{gn_bn[0]:>7}{gn_bn[1]:>13}{o / rate[norm, top, w, 'ours']:>7.2f}"
+              f"{k / rate[norm, top, w, 'keras']:>14.2f}"
+              f"{cores[norm, n, w, 'ours']:>12.2f}{cores[norm, n, w, 'keras']:>13.2f}")
+    print(f"evaluation (train.evaluate's inference, batch {train.EVAL_BATCH_SIZE}): "
           + ", ".join(f"{norm} {r:.0f} img/s" for norm, r in evals.items()))
+    print(f"{args.images} synthetic images; medians of {args.repeats} interleaved repeats of "
+          f"{args.seconds:g} s after {args.warmup:g} s of warm-up each; cores: the process's "
+          f"CPU seconds per wall second (under 1 where it waited, for the CPU on a busy machine "
+          f"or for its input)")
 
 
 def print_sweep(args, rate, evals):
@@ -284,22 +387,175 @@ def print_sweep(args, rate, evals):
         print(f"sweep estimate: needs every norm {train.NORMS} and batch size {train.BATCH_SIZES}")
         return
     n_train, n_test = cifar10.OFFICIAL_COUNTS
-    hours = {}
-    for kind in ("ours", "keras"):
-        seconds = 0.0
-        for norm in train.NORMS:
-            for n in train.BATCH_SIZES:
-                step = n * args.workers
-                trained = cifar10.steps_per_epoch(n_train, step) * step
-                seconds += train.EPOCHS * (trained / rate[norm, n, kind] + n_test / evals[norm])
-        hours[kind] = seconds / 3600
-    runs = len(train.NORMS) * len(train.BATCH_SIZES)
-    seeds = len(train.SEEDS)
-    print(f"sweep at these rates ({runs} runs = {len(train.NORMS)} norms x {len(train.BATCH_SIZES)} "
-          f"batch sizes, W = {args.workers}, {train.EPOCHS} epochs of {n_train:,} training + "
-          f"{n_test:,} test images, one process at a time on this machine): "
-          f"ours {hours['ours']:.1f} h, keras baseline {hours['keras']:.1f} h; "
-          f"x {seeds} seeds: ours {seeds * hours['ours']:.1f} h")
+    for w in args.workers:
+        hours = {}
+        for kind in KINDS:
+            seconds = 0.0
+            for norm in train.NORMS:
+                for n in train.BATCH_SIZES:
+                    step = n * w
+                    trained = cifar10.steps_per_epoch(n_train, step) * step
+                    seconds += train.EPOCHS * (trained / rate[norm, n, w, kind]
+                                               + n_test / evals[norm])
+            hours[kind] = seconds / 3600
+        runs = len(train.NORMS) * len(train.BATCH_SIZES)
+        seeds = len(train.SEEDS)
+        print(f"sweep at these rates ({runs} runs = {len(train.NORMS)} norms x "
+              f"{len(train.BATCH_SIZES)} batch sizes, W = {w}, {train.EPOCHS} epochs of "
+              f"{n_train:,} training + {n_test:,} test images, one process at a time on this "
+              f"machine): ours {hours['ours']:.1f} h, keras baseline {hours['keras']:.1f} h; "
+              f"x {seeds} seeds: ours {seeds * hours['ours']:.1f} h")
+
+
+# ---------------------------------------------------------------- bench.py backends
+
+HERE = Path(__file__).resolve().parent
+SHORT = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}
+MARK = "@bench "   # a reply line of a worker (other lines on its stdout are messages)
+
+
+def reply(obj):
+    print(MARK + json.dumps(obj), flush=True)
+
+
+def serve(args):
+    """bench.py train --serve, the worker of bench.py backends (one process, one backend):
+    builds and warms up ours for every configuration, replies that it is ready, then
+    answers one JSON request a line from stdin until it ends: {"run": [norm, N, W]} ->
+    {"rate", "cores"} of one timed fit; {"eval": norm} -> {"rate"} of one timed predict."""
+    import backends
+    backends.set_threads(args.threads)
+    backends.enable_determinism()   # as train.py runs
+    keras.utils.set_random_seed(0)
+    data = Images(args.images)
+    runs = prepare(args, data, ["ours"])
+    first = {norm: runs[norm, args.batch_sizes[0], args.workers[0], "ours"][0]
+             for norm in args.norms}   # the model that evaluation's rate is measured on
+    for model in first.values():
+        eval_rate(model, data, repeats=1)   # untimed: predict's compilation, first calls
+    reply({"versions": backends.versions(), "threads": backends.intra_op_threads(),
+           "python": sys.executable})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "run" in request:
+            rate, cores = measure(runs, (*request["run"], "ours"), args)
+            reply({"rate": rate, "cores": cores})
+        else:
+            reply({"rate": eval_rate(first[request["eval"]], data, repeats=1, warmup=False)})
+
+
+class Worker:
+    """One backend's `bench.py train --serve` process, run with that backend's interpreter."""
+
+    def __init__(self, backend, python, argv):
+        self.backend, self.python = backend, python
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        self.proc = subprocess.Popen([python, "-u", str(HERE / "bench.py"), "train", "--serve",
+                                      *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, cwd=HERE)
+        self.info = self.read()
+
+    def ask(self, request):
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def read(self):
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+            print(f"[{self.backend}] {line}", end="", file=sys.stderr, flush=True)
+        code = self.proc.wait()
+        raise SystemExit(f"error: the {self.backend} worker ({self.python}) exited with status "
+                         f"{code} (its messages are above)")
+
+    def close(self):
+        if self.proc.stdin and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        self.proc.wait()
+
+
+def interpreter(args, backend):
+    """The Python that runs a backend's worker: --python-BACKEND; else, for TensorFlow, this
+    one (or .venv's beside bench.py where this one has no TensorFlow), and for JAX and torch
+    .venv-backends' (Keras with JAX and torch, no TensorFlow) where it exists."""
+    given = getattr(args, f"python_{backend}")
+    if given:
+        return given
+    if backend == "tensorflow":
+        venv = HERE / ".venv" / "bin" / "python"
+        use_venv = not importlib.util.find_spec("tensorflow")
+    else:
+        venv = HERE / ".venv-backends" / "bin" / "python"
+        use_venv = True
+    return str(venv) if use_venv and venv.exists() else sys.executable
+
+
+def worker_argv(args):
+    argv = ["--norms", *args.norms, "--batch-sizes", *map(str, args.batch_sizes),
+            "--workers", *map(str, args.workers)]
+    for name in ("repeats", "warmup", "seconds", "images", "threads"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    return argv
+
+
+def bench_backends(args):
+    """ours on each backend, in one worker process per backend, interleaved: every repeat
+    visits every configuration on every backend in turn (the backends' order rotating), and
+    only one worker computes at a time; prints one table of medians."""
+    workers = {}
+    try:
+        for backend in args.backends:   # one at a time: a starting worker competes with none
+            workers[backend] = Worker(backend, interpreter(args, backend), worker_argv(args))
+            info = workers[backend].info
+            versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items()
+                                 if k not in ("backend", "python"))
+            print(f"{SHORT[backend]}: {info['python']} (python {info['versions']['python']}), "
+                  f"{versions}, intra-op threads {info['threads']}", flush=True)
+        samples = {(b, *c): [] for b in args.backends for c in configurations(args)}
+        evals = {(b, norm): [] for b in args.backends for norm in args.norms}
+        for r in range(args.repeats):
+            order = args.backends[r % len(args.backends):] + args.backends[:r % len(args.backends)]
+            for config in configurations(args):
+                for b in order:
+                    got = workers[b].ask({"run": list(config)})
+                    samples[(b, *config)].append((got["rate"], got["cores"]))
+            for norm in args.norms:
+                for b in order:
+                    evals[b, norm].append(workers[b].ask({"eval": norm})["rate"])
+    finally:
+        for worker in workers.values():
+            worker.close()
+    rate, cores = medians(samples)
+    print_backends_table(args, rate, cores, {k: statistics.median(v) for k, v in evals.items()})
+
+
+def print_backends_table(args, rate, cores, evals):
+    import train
+    names = [SHORT[b] for b in args.backends]
+    ref = args.backends[0]
+    print(f"{'norm':<5}{'N':>4}{'W':>3}" + "".join(f"{n + ' img/s':>13}" for n in names)
+          + "".join(f"{n + '/' + names[0]:>10}" for n in names[1:])
+          + "".join(f"{n + ' cores':>13}" for n in names))
+    for config in configurations(args):
+        row = f"{config[0]:<5}{config[1]:>4}{config[2]:>3}"
+        row += "".join(f"{rate[(b, *config)]:>13.0f}" for b in args.backends)
+        row += "".join(f"{rate[(b, *config)] / rate[(ref, *config)]:>10.2f}"
+                       for b in args.backends[1:])
+        row += "".join(f"{cores[(b, *config)]:>13.2f}" for b in args.backends)
+        print(row)
+    print(f"{'eval':<12}" + "".join(f"{n + ' img/s':>13}" for n in names)
+          + "".join(f"{n + '/' + names[0]:>10}" for n in names[1:]))
+    for norm in args.norms:
+        print(f"{norm:<12}" + "".join(f"{evals[b, norm]:>13.0f}" for b in args.backends)
+              + "".join(f"{evals[b, norm] / evals[ref, norm]:>10.2f}" for b in args.backends[1:]))
+    print(f"ours (train.py's build_model, compile_model, train.Batches, StepCallback) on each "
+          f"backend, {args.images} synthetic images; medians of {args.repeats} interleaved "
+          f"repeats of {args.seconds:g} s after {args.warmup:g} s of warm-up each; eval: predict "
+          f"on {min(EVAL_IMAGES, args.images)} test inputs in batches of "
+          f"{train.EVAL_BATCH_SIZE}; cores: the worker's CPU seconds per wall second (under 1 "
+          f"where it waited, for the CPU on a busy machine or for its input)")
 
 
 # ---------------------------------------------------------------- bench.py loop (JAX)
@@ -365,6 +621,47 @@ def bench_loop(args):
     return rates
 
 
+def add_run_arguments(t, batch_sizes, workers):
+    """What `train` and `backends` share: the configurations and how each is timed."""
+    t.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
+    t.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes,
+                   help="images per worker N (the largest is the reference of the N/max column)")
+    t.add_argument("--workers", type=int, nargs="+", default=workers,
+                   help="W workers of N images per step (BN per worker, as train.py --workers)")
+    t.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
+    t.add_argument("--warmup", type=float, default=1.0, help="seconds of each fit not timed")
+    t.add_argument("--seconds", type=float, default=2.0, help="timed seconds of each fit")
+    t.add_argument("--images", type=int, default=4096, help="synthetic training images")
+    t.add_argument("--quick", action="store_true", help="batch sizes 32 and 2, 2 repeats")
+    t.add_argument("--threads", type=int,
+                   help="intra-op threads of the backend (backends.set_threads), 0 = one per "
+                        "core (default: train.py's THREADS)")
+
+
+def check_run_arguments(parser, args):
+    import train
+    if args.quick:
+        args.batch_sizes, args.repeats = [32, 2], 2
+    for name in ("repeats", "images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("workers", "batch_sizes"):
+        if min(getattr(args, name)) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive integers, "
+                         f"got {getattr(args, name)}")
+    if args.seconds <= 0 or args.warmup < 0:
+        parser.error(f"--seconds must be positive and --warmup not negative, "
+                     f"got {args.seconds} and {args.warmup}")
+    step = max(args.batch_sizes) * max(args.workers)
+    if args.images < 2 * step:
+        parser.error(f"--images {args.images} should hold at least 2 steps of {step} images")
+    if args.threads is None:
+        args.threads = train.THREADS
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 (one per core) or a positive integer, "
+                     f"got {args.threads}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -373,22 +670,29 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     p.set_defaults(run=bench_layer)
-    t = sub.add_parser("train", help="ResNet-20 training throughput, ours vs plain Keras")
-    t.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
-    t.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 16, 8, 4, 2],
-                   help="images per worker N (the largest is the reference of the N/max column)")
-    t.add_argument("--workers", type=int, default=1, help="W workers of N images per step")
-    t.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
-    t.add_argument("--warmup", type=float, default=1.0, help="seconds of each fit not timed")
-    t.add_argument("--seconds", type=float, default=2.0, help="timed seconds of each fit")
-    t.add_argument("--images", type=int, default=4096, help="synthetic training images")
-    t.add_argument("--quick", action="store_true", help="batch sizes 32 and 2, 2 repeats")
-    t.add_argument("--threads", type=int, help="TensorFlow intra-op threads, 0 = one per core "
-                                               "(default: train.py's THREADS)")
-    t.add_argument("--jit-compile", action="store_true", help="ours with XLA (train.py --jit-compile)")
+    t = sub.add_parser("train", help="ResNet-20 training throughput, ours vs plain Keras, "
+                                     "on the backend of KERAS_BACKEND")
+    add_run_arguments(t, [32, 16, 8, 4, 2], [1])
+    t.add_argument("--jit-compile", action="store_true",
+                   help="ours with XLA (train.py --jit-compile; TensorFlow only)")
     t.add_argument("--mixed-precision", action="store_true",
                    help="ours in mixed_float16 (train.py --mixed-precision)")
+    # bench.py backends' worker process (see serve), not for people:
+    t.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     t.set_defaults(run=bench_train)
+    b = sub.add_parser("backends", help="ours on TensorFlow and JAX (and torch), one worker "
+                                        "process each, interleaved, side by side")
+    add_run_arguments(b, [32, 2], [1, 8])
+    b.add_argument("--backends", nargs="+", choices=tuple(SHORT), default=["tensorflow", "jax"],
+                   help="the first is the reference of the ratios")
+    for name in SHORT:
+        b.add_argument(f"--python-{name}", metavar="PATH",
+                       help=f"the Python with Keras and {name} (default: "
+                            + ("this one, or .venv/bin/python beside bench.py where this one "
+                               "has no TensorFlow)" if name == "tensorflow" else
+                               ".venv-backends/bin/python beside bench.py if it exists, "
+                               "else this one)"))
+    b.set_defaults(run=bench_backends, jit_compile=False, mixed_precision=False)
     s = sub.add_parser("loop", help="JAX: training img/s of the scan loop (train.py --loop scan) "
                                     "and of fit, as a GPU runs the sweep")
     s.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
@@ -401,23 +705,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "loop":
         args.precisions = [p == "mixed" for p in args.precisions]
-    if args.command == "train":
-        for name in ("workers", "repeats", "images"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-        if min(args.batch_sizes) < 1:
-            parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
-        if args.images < 2 * max(args.batch_sizes) * args.workers:
-            parser.error(f"--images {args.images} should hold at least 2 steps of "
-                         f"{max(args.batch_sizes) * args.workers} images")
-        if args.threads is None:
-            import train
-            args.threads = train.THREADS
-        if args.quick:
-            args.batch_sizes, args.repeats = [32, 2], 2
-    print(f"backend={keras.backend.backend()} keras={keras.__version__} "
-          f"python={sys.version.split()[0]} cpus={os.cpu_count()} "
-          f"load average={os.getloadavg()[0]:.2f}")
+    if args.command in ("train", "backends"):
+        check_run_arguments(parser, args)
+    if args.command == "backends":
+        if len(set(args.backends)) < len(args.backends):
+            parser.error(f"--backends should not repeat a backend, got {args.backends}")
+        for backend in args.backends:
+            python = interpreter(args, backend)
+            if not os.access(python, os.X_OK):
+                parser.error(f"--python-{backend} {python}: not an executable file")
+    if args.command == "train" and args.serve:
+        return serve(args)
+    if args.command == "backends":
+        print(f"bench.py backends: python={sys.version.split()[0]} cpus={os.cpu_count()} "
+              f"load average={os.getloadavg()[0]:.2f}", flush=True)
+    else:
+        print(f"backend={keras.backend.backend()} keras={keras.__version__} "
+              f"python={sys.version.split()[0]} cpus={os.cpu_count()} "
+              f"load average={os.getloadavg()[0]:.2f}", flush=True)
     args.run(args)
     print(f"load average at the end={os.getloadavg()[0]:.2f}")
 

@@ -1,6 +1,9 @@
-"""bench.py train's machinery and train.py's speed options (--jit-compile, --mixed-precision,
---threads): correctness on the CPU, never timing (the timings are bench.py's)."""
+"""bench.py train's and bench.py backends' machinery and train.py's speed options
+(--jit-compile, --mixed-precision, --threads): correctness on the CPU and the tables'
+structure, never timing (the timings are bench.py's)."""
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -42,17 +45,120 @@ def test_throughput_counts_steps_across_calls_and_epochs():
     timer.seconds = 0.0
     timer.on_train_batch_end(15)
     assert timer.end[1] == 40 and timer.model.stop_training
-    assert timer.rate > 0
+    assert timer.rate > 0 and timer.cores >= 0
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--workers", "0"], "--workers must be a positive integer"),
+    (["train", "--workers", "0"], "--workers must be positive integers"),
     (["train", "--batch-sizes", "32", "0"], "--batch-sizes must be positive"),
-    (["train", "--images", "50"], "should hold at least 2 steps")])
-def test_bench_train_argument_errors(argv, message, capsys):
+    (["train", "--images", "50"], "should hold at least 2 steps"),
+    (["train", "--seconds", "0"], "--seconds must be positive"),
+    (["train", "--threads", "-1"], "--threads must be 0"),
+    (["backends", "--images", "300"], "should hold at least 2 steps of 256 images"),
+    (["backends", "--backends", "jax", "jax"], "should not repeat a backend"),
+    (["backends", "--python-jax", "/nonexistent/python"], "--python-jax /nonexistent/python: "
+                                                           "not an executable file")])
+def test_bench_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def table(out, first):
+    """The table under the header line that starts with `first`: (column names, rows of
+    cells); a row's cells are split on blanks, the header's on runs of 2 or more."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first + " "))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = []
+    for line in lines[start + 1:]:
+        cells = line.split()
+        if len(cells) != len(header):
+            break
+        rows.append(cells)
+    return header, rows
+
+
+TINY = ["--batch-sizes", "2", "--images", "16", "--repeats", "1", "--warmup", "0",
+        "--seconds", "0.05"]
+
+
+def test_bench_train_table():
+    """ours and the baseline on TensorFlow, one configuration (in its own process: bench.py
+    sets threads and TensorFlow's op determinism for the whole process, as train.py does)."""
+    result = subprocess.run(
+        [sys.executable, "bench.py", "train", "--norms", "gn", "--workers", "2", *TINY],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("backend=tensorflow ")
+    header, rows = table(out, "norm")
+    assert header == ["norm", "N", "W", "ours img/s", "keras img/s", "ours/keras", "GN/BN",
+                      "keras GN/BN", "N/2", "keras N/2", "ours cores", "keras cores"]
+    assert len(rows) == 1 and rows[0][:3] == ["gn", "2", "2"]
+    ours, theirs = map(float, rows[0][3:5])
+    assert ours > 0 and theirs > 0 and rows[0][6:8] == ["-", "-"] and rows[0][8] == "1.00"
+    assert re.search(r"evaluation .*batch 1000\): gn \d+ img/s", out)
+    assert f"intra-op threads {train.THREADS} (--threads {train.THREADS};" in out
+    assert "--jit-compile False, XLA used False" in out
+    assert "sweep estimate: needs every norm" in out
+
+
+BACKENDS_PYTHON = REPO / ".venv-backends" / "bin" / "python"
+needs_backends_venv = pytest.mark.skipif(
+    not BACKENDS_PYTHON.exists(), reason=f"{BACKENDS_PYTHON} (Keras with JAX and torch, no "
+                                         f"TensorFlow: make .venv-backends/.stamp) is missing")
+
+
+@needs_backends_venv
+def test_bench_train_runs_without_tensorflow():
+    """bench.py train on torch in the venv that has no TensorFlow: ours and the baseline."""
+    result = subprocess.run(
+        [str(BACKENDS_PYTHON), "bench.py", "train", "--norms", "bn", "--workers", "2", *TINY],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, KERAS_BACKEND="torch"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("backend=torch ")
+    header, rows = table(result.stdout, "norm")
+    assert len(header) == 12 and [r[:3] for r in rows] == [["bn", "2", "2"]]
+    assert float(rows[0][3]) > 0 and float(rows[0][4]) > 0
+
+
+@needs_backends_venv
+def test_bench_backends_table():
+    """One worker per backend, each with its own Python; one table, a row per (norm, N, W).
+    The parent runs in the venv without TensorFlow (so Keras there defaults to JAX) and names
+    TensorFlow's Python."""
+    result = subprocess.run(
+        [str(BACKENDS_PYTHON), "bench.py", "backends", "--python-tensorflow", sys.executable,
+         "--norms", "gn", "--workers", "1", "2", *TINY],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for name, python in (("tf", sys.executable), ("jax", BACKENDS_PYTHON)):
+        library = {"tf": "tensorflow"}.get(name, name)
+        assert re.search(rf"^{name}: {re.escape(str(python))} .*{library} \S+,.* intra-op threads "
+                         rf"{train.THREADS}$", out, re.M), out
+    header, rows = table(out, "norm")
+    assert header == ["norm", "N", "W", "tf img/s", "jax img/s", "jax/tf", "tf cores", "jax cores"]
+    assert [r[:3] for r in rows] == [["gn", "2", "1"], ["gn", "2", "2"]]
+    for row in rows:
+        tf, jax = map(float, row[3:5])
+        assert min(tf, jax) > 0
+        # The ratio is of the medians; the printed rates are rounded to 1 img/s.
+        assert float(row[5]) == pytest.approx(jax / tf, abs=0.01 + (jax + tf) / tf ** 2)
+        assert all(float(c) >= 0 for c in row[6:])
+    header, rows = table(out, "eval")
+    assert header == ["eval", "tf img/s", "jax img/s", "jax/tf"]
+    assert [r[0] for r in rows] == ["gn"] and all(float(c) > 0 for c in rows[0][1:])
+
+
+def test_bench_backends_worker_that_fails_is_named(capsys):
+    with pytest.raises(SystemExit, match=r"the jax worker \(/bin/false\) exited with status 1"):
+        bench.main(["backends", "--backends", "jax", "--python-jax", "/bin/false", "--workers", "1",
+                    *TINY])
 
 
 def test_speed_options_reach_the_config_and_default_off():

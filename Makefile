@@ -53,8 +53,8 @@ slurm-deps:
 
 # The layer under the other Keras backends (no TensorFlow in that venv).
 test-backends: $(BVENV)/.stamp
-	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py
-	KERAS_BACKEND=torch $(BVENV)/bin/python -m pytest -q tests/test_layer.py
+	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_backends.py
+	KERAS_BACKEND=torch $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_backends.py
 
 clean-venv:
 	rm -rf $(VENV) $(BVENV)

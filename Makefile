@@ -51,7 +51,7 @@ slurm-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then bash .ci/install-slurm.sh; \
 	else echo "slurm-deps: not root, not installing slurm-wlm/munge/shellcheck (SLURM tests skip)"; fi
 
-# The layer under the other Keras backends (no TensorFlow in that venv).
+# The layer and the whole pipeline under the other Keras backends (no TensorFlow in that venv).
 test-backends: $(BVENV)/.stamp
 	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_backends.py
 	KERAS_BACKEND=torch $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_backends.py

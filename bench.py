@@ -1,7 +1,8 @@
 """Performance measurements, printed side by side (timing is not a test).
 
-    python bench.py train [--quick] [--workers 1 8] [--threads T] [--jit-compile] [--mixed-precision]
-    python bench.py backends [--backends tensorflow jax torch] [--python-jax PATH] [--quick]
+    python bench.py train [--quick] [--workers 1 8] [--threads T] [--jit-compile]
+                          [--mixed-precision]
+    python bench.py backends [--backends tensorflow jax torch] [--python-jax PATH] [--cpus K]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
     KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
 
@@ -26,7 +27,9 @@ does not depend on them), so no data set is needed. Intra-op threads are set per
 `backends`: `train`'s measurement of ours on several backends side by side, in one run:
 one worker process per backend (`bench.py train --serve`, with that backend's Python:
 this one for TensorFlow, .venv-backends' for JAX and torch where it exists, or
---python-BACKEND), each with the same --threads. The workers start one after the other
+--python-BACKEND), each with the same --threads. That is a library setting, and not every
+library keeps to it (the cores column shows what each used); --cpus K pins every worker,
+all its threads, to the same K cores. The workers start one after the other
 (building, compiling, warming up), then every repeat visits each configuration on each
 backend in turn, the backends' order rotating between repeats, while the other workers
 wait: a busy CPU slows all alike. One table: rows (norm, N, W), img/s of each backend,
@@ -59,6 +62,9 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND",
                       "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+PIN = "BENCH_PIN_CPUS"   # bench.py backends --cpus: a worker's cores, e.g. "0"
+if os.environ.get(PIN):   # pinned before any library starts a thread: every thread inherits it
+    os.sched_setaffinity(0, [int(c) for c in os.environ[PIN].split(",")])
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -434,7 +440,7 @@ def serve(args):
     for model in first.values():
         eval_rate(model, data, repeats=1)   # untimed: predict's compilation, first calls
     reply({"versions": backends.versions(), "threads": backends.intra_op_threads(),
-           "python": sys.executable})
+           "python": sys.executable, "cpus": sorted(os.sched_getaffinity(0))})
     for line in sys.stdin:
         request = json.loads(line)
         if "run" in request:
@@ -447,9 +453,12 @@ def serve(args):
 class Worker:
     """One backend's `bench.py train --serve` process, run with that backend's interpreter."""
 
-    def __init__(self, backend, python, argv):
+    def __init__(self, backend, python, argv, cpus=None):
         self.backend, self.python = backend, python
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        env.pop(PIN, None)
+        if cpus:
+            env[PIN] = ",".join(map(str, cpus))
         self.proc = subprocess.Popen([python, "-u", str(HERE / "bench.py"), "train", "--serve",
                                       *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=HERE)
@@ -505,14 +514,16 @@ def bench_backends(args):
     visits every configuration on every backend in turn (the backends' order rotating), and
     only one worker computes at a time; prints one table of medians."""
     workers = {}
+    cpus = sorted(os.sched_getaffinity(0))[:args.cpus] if args.cpus else None
     try:
         for backend in args.backends:   # one at a time: a starting worker competes with none
-            workers[backend] = Worker(backend, interpreter(args, backend), worker_argv(args))
+            workers[backend] = Worker(backend, interpreter(args, backend), worker_argv(args), cpus)
             info = workers[backend].info
             versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items()
                                  if k not in ("backend", "python"))
             print(f"{SHORT[backend]}: {info['python']} (python {info['versions']['python']}), "
-                  f"{versions}, intra-op threads {info['threads']}", flush=True)
+                  f"{versions}, intra-op threads {info['threads']}, may run on "
+                  f"{len(info['cpus'])} core(s) {','.join(map(str, info['cpus']))}", flush=True)
         samples = {(b, *c): [] for b in args.backends for c in configurations(args)}
         evals = {(b, norm): [] for b in args.backends for norm in args.norms}
         for r in range(args.repeats):
@@ -685,6 +696,10 @@ def main(argv=None):
     add_run_arguments(b, [32, 2], [1, 8])
     b.add_argument("--backends", nargs="+", choices=tuple(SHORT), default=["tensorflow", "jax"],
                    help="the first is the reference of the ratios")
+    b.add_argument("--cpus", type=int,
+                   help="pin every worker to K of the cores (os.sched_setaffinity, all its "
+                        "threads): the same CPU for each backend whatever its thread settings "
+                        "do (default: not pinned)")
     for name in SHORT:
         b.add_argument(f"--python-{name}", metavar="PATH",
                        help=f"the Python with Keras and {name} (default: "
@@ -710,6 +725,10 @@ def main(argv=None):
     if args.command == "backends":
         if len(set(args.backends)) < len(args.backends):
             parser.error(f"--backends should not repeat a backend, got {args.backends}")
+        allowed = len(os.sched_getaffinity(0))
+        if args.cpus is not None and not 1 <= args.cpus <= allowed:
+            parser.error(f"--cpus should be in 1..{allowed} (the cores this process may use), "
+                         f"got {args.cpus}")
         for backend in args.backends:
             python = interpreter(args, backend)
             if not os.access(python, os.X_OK):

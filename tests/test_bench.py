@@ -56,6 +56,7 @@ def test_throughput_counts_steps_across_calls_and_epochs():
     (["train", "--threads", "-1"], "--threads must be 0"),
     (["backends", "--images", "300"], "should hold at least 2 steps of 256 images"),
     (["backends", "--backends", "jax", "jax"], "should not repeat a backend"),
+    (["backends", "--cpus", "0"], "--cpus should be in 1.."),
     (["backends", "--python-jax", "/nonexistent/python"], "--python-jax /nonexistent/python: "
                                                            "not an executable file")])
 def test_bench_argument_errors(argv, message, capsys):
@@ -129,10 +130,10 @@ def test_bench_train_runs_without_tensorflow():
 def test_bench_backends_table():
     """One worker per backend, each with its own Python; one table, a row per (norm, N, W).
     The parent runs in the venv without TensorFlow (so Keras there defaults to JAX) and names
-    TensorFlow's Python."""
+    TensorFlow's Python; the workers are pinned to one core."""
     result = subprocess.run(
         [str(BACKENDS_PYTHON), "bench.py", "backends", "--python-tensorflow", sys.executable,
-         "--norms", "gn", "--workers", "1", "2", *TINY],
+         "--norms", "gn", "--workers", "1", "2", "--cpus", "1", *TINY],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -140,7 +141,7 @@ def test_bench_backends_table():
     for name, python in (("tf", sys.executable), ("jax", BACKENDS_PYTHON)):
         library = {"tf": "tensorflow"}.get(name, name)
         assert re.search(rf"^{name}: {re.escape(str(python))} .*{library} \S+,.* intra-op threads "
-                         rf"{train.THREADS}$", out, re.M), out
+                         rf"{train.THREADS}, may run on 1 core\(s\) \d+$", out, re.M), out
     header, rows = table(out, "norm")
     assert header == ["norm", "N", "W", "tf img/s", "jax img/s", "jax/tf", "tf cores", "jax cores"]
     assert [r[:3] for r in rows] == [["gn", "2", "1"], ["gn", "2", "2"]]

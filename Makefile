@@ -42,7 +42,9 @@ quick-jpeg: $(VENV)/.stamp-run
 
 test: test-tf test-backends
 
-test-tf: $(VENV)/.stamp slurm-deps
+# .venv-backends first: some tests here run JAX without TensorFlow through it (gpu.sh,
+# a JAX-trained model evaluated under TensorFlow).
+test-tf: $(VENV)/.stamp $(BVENV)/.stamp slurm-deps
 	$(BIN)/python -m pytest -q tests
 
 # The SLURM tests start a one-node cluster from Debian's slurm-wlm and munge; they are

@@ -46,7 +46,9 @@ def _add_xla_flags(*flags):
 
 def set_threads(threads):
     """Intra-op threads of the backend's CPU work (0: the library's default, one per core).
-    Only before the backend starts computing; after that it keeps its setting and says so."""
+    Only before the backend starts computing; after that it keeps its setting and says so.
+    JAX: passed to XLA's CPU flags, but JAX 0.10's CPU runtime was measured using 2 cores
+    at 1 thread (bench.py backends): pin the process (taskset) where it matters."""
     backend = name()
     if backend == "tensorflow":
         import tensorflow as tf

@@ -402,6 +402,10 @@ def compile_model(model, cfg, steps_per_epoch, devices=1):
         # --jit-compile`). JAX: always jitted ("auto"); PyTorch: "auto" is eager.
         jit_compile=cfg.jit_compile if backends.name() == "tensorflow" else "auto")
     model.optimizer.build(model.trainable_variables)
+    if cfg.jit_compile and backends.name() == "tensorflow" and not model.jit_compile:
+        # Keras' model_supports_jit: no XLA while TensorFlow's op determinism is on.
+        print("note: --jit-compile: Keras trains without XLA here (TensorFlow's op determinism, "
+              "which train.py turns on, rules it out); the run record says so", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -652,6 +656,7 @@ def finish(paths, model, data, cfg, state, devices, loop):
         "resumed": state["resumed"],
         "devices": devices,   # the last session's: a resumed run may have changed them
         "loop": loop,         # fit, or scan (backends.ScanLoop): the last session's
+        "jit_compile_used": bool(model.jit_compile),   # what Keras did with --jit-compile
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance(),
     }

@@ -236,4 +236,8 @@ def test_options_and_threads_are_recorded(cifar_dir, tmp_path):
     assert record["config"]["run"]["jit_compile"] is True
     assert record["config"]["run"]["mixed_precision"] is False
     assert record["intra_op_threads"] == train.THREADS
+    # A run turns TensorFlow's op determinism on, under which Keras trains without XLA:
+    # the record and one line say so, rather than claiming XLA.
+    assert record["jit_compile_used"] is False
+    assert result.stderr.count("note: --jit-compile: Keras trains without XLA") == 1
     assert np.isfinite(record["test_loss"])

@@ -151,6 +151,10 @@ def pick_devices(workers, devices=None):
     """
     found = gpus()
     visible = _visible()
+    if devices is None and name() == "torch":
+        devices = 1   # no multi-device training for torch in Keras 3.15 (see below)
+        if len(found) > 1:
+            _note(f"{len(found)} GPUs visible; the torch backend trains on one")
     if devices is None:
         devices = max(k for k in range(1, len(found) + 1) if workers % k == 0) if found else 1
         if devices < len(found):

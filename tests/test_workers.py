@@ -33,6 +33,10 @@ def images(n, seed=1):
     return np.random.default_rng(seed).normal(size=(n, 32, 32, 3)).astype(np.float32)
 
 
+def to_np(x):
+    return keras.ops.convert_to_numpy(x)   # any backend's tensor
+
+
 def moving(model):
     return {v.path: v.numpy() for v in model.non_trainable_weights}
 
@@ -48,7 +52,7 @@ def test_worker_bn_matches_a_float64_reference():
     gamma, beta, mean0, var0 = (rng.normal(0, 1, 5), rng.normal(0, 1, 5),
                                 rng.normal(0, 1, 5), rng.uniform(0.5, 2, 5))
     bn.set_weights([a.astype(np.float32) for a in (gamma, beta, mean0, var0)])
-    y = bn(x, training=True).numpy()
+    y = to_np(bn(x, training=True))
 
     s = x.astype(np.float64).reshape(workers, -1, 3, 3, 5)
     mu, var = s.mean(axis=(1, 2, 3), keepdims=True), s.var(axis=(1, 2, 3), keepdims=True)
@@ -61,7 +65,7 @@ def test_worker_bn_matches_a_float64_reference():
                                momentum * var0 + (1 - momentum) * var.mean(axis=0).ravel(), atol=1e-6)
     # Inference: the moving statistics, whatever the batch.
     after_mean, after_var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
-    np.testing.assert_allclose(bn(x[:3], training=False).numpy(),
+    np.testing.assert_allclose(to_np(bn(x[:3], training=False)),
                                (x[:3] - after_mean) / np.sqrt(after_var + eps) * gamma + beta,
                                rtol=1e-5, atol=1e-5)
 
@@ -72,32 +76,37 @@ def test_two_workers_on_a_concatenation_equal_one_worker_on_each_half(norm):
     one = train.build_resnet20(norm)
     randomize(one)
     start = one.get_weights()
-    out_a = one(a, training=True).numpy()
+    out_a = to_np(one(a, training=True))
     moved_a = moving(one)
     one.set_weights(start)
-    out_b = one(b, training=True).numpy()
+    out_b = to_np(one(b, training=True))
     moved_b = moving(one)
 
     two = train.build_resnet20(norm, workers=2)
     two.set_weights(start)
-    out = two(np.concatenate([a, b]), training=True).numpy()
-    np.testing.assert_array_equal(out, np.concatenate([out_a, out_b]))
+    out = to_np(two(np.concatenate([a, b]), training=True))
+    if keras.backend.backend() == "torch":
+        # Keras' BN on torch is torch's own kernel, whose rounding differs from the
+        # worker layer's keras.ops formula (bit for bit on TensorFlow and JAX)
+        np.testing.assert_allclose(out, np.concatenate([out_a, out_b]), rtol=0, atol=5e-6)
+    else:
+        np.testing.assert_array_equal(out, np.concatenate([out_a, out_b]))
     # and the moving statistics move by the mean of the two workers' updates
     for path, value in moving(two).items():
         np.testing.assert_allclose(value, (moved_a[path] + moved_b[path]) / 2, atol=1e-6)
     if norm == "bn":
-        assert moving(two) and not np.allclose(out, one(np.concatenate([a, b]), training=True))
+        assert moving(two) and not np.allclose(out, to_np(one(np.concatenate([a, b]), training=True)))
 
 
 def test_inference_does_not_depend_on_workers_or_devices():
     x = images(6)   # not a multiple of 4: inference never slices
     reference = train.build_resnet20("bn")
     randomize(reference)
-    want, want_compiled = reference(x, training=False).numpy(), reference.predict(x, verbose=0)
+    want, want_compiled = to_np(reference(x, training=False)), reference.predict(x, verbose=0)
     for workers, devices in ((2, 1), (4, 1), (4, 2), (8, 8)):
         model = train.build_resnet20("bn", workers=workers, devices=devices)
         model.set_weights(reference.get_weights())
-        np.testing.assert_array_equal(model(x, training=False).numpy(), want)
+        np.testing.assert_array_equal(to_np(model(x, training=False)), want)
         np.testing.assert_array_equal(model.predict(x, verbose=0), want_compiled)
 
 
@@ -107,10 +116,14 @@ def test_builder_layers_per_device():
                 if isinstance(l, keras.layers.BatchNormalization)}
     assert kinds(train.build_resnet20("bn")) == {("BatchNormalization", None)}
     assert kinds(train.build_resnet20("bn", workers=8)) == {("WorkerBatchNormalization", 8)}
-    assert kinds(train.build_resnet20("bn", workers=8, devices=2)) == {("WorkerBatchNormalization", 4)}
+    # TensorFlow's replicas each see W / K slices; JAX's DataParallel model sees all W
+    per_replica = 4 if keras.backend.backend() == "tensorflow" else 8
+    assert kinds(train.build_resnet20("bn", workers=8, devices=2)) == {("WorkerBatchNormalization",
+                                                                        per_replica)}
     # one slice per device is still the worker layer: its moving statistics are averaged
     # over the devices, where Keras' BN would keep one device's
-    assert kinds(train.build_resnet20("bn", workers=2, devices=2)) == {("WorkerBatchNormalization", 1)}
+    assert kinds(train.build_resnet20("bn", workers=2, devices=2)) == {
+        ("WorkerBatchNormalization", per_replica // 4)}
     bn = train.build_resnet20("bn", workers=2, devices=2).get_layer("stem_norm")
     assert {v.aggregation for v in bn.non_trainable_weights} == {"mean"}
     assert sum(int(np.prod(w.shape)) for w in train.build_resnet20("bn", workers=8).trainable_weights) \
@@ -125,7 +138,7 @@ def test_saved_worker_model_loads_in_safe_mode(tmp_path):
     loaded = reproduce.load_model(tmp_path / "m.keras")   # safe_mode=True, as reproduce.py does
     assert loaded.get_layer("stem_norm").workers == 4
     x = images(8)
-    np.testing.assert_array_equal(loaded(x, training=True).numpy(), model(x, training=True).numpy())
+    np.testing.assert_array_equal(to_np(loaded(x, training=True)), to_np(model(x, training=True)))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -169,9 +182,12 @@ def test_step_takes_w_times_n_images():
     cfg = train.Config(norm="bn", batch_size=4, workers=8)
     model = train.build_resnet20("bn", workers=8)
     train.compile_model(model, cfg, steps_per_epoch=10)
-    assert model.steps_per_execution == 2   # 64 images per call: 2 steps of 32
+    backend = keras.backend.backend()
+    # 64 images per call: 2 steps of 32 (PyTorch: one step per call in Keras 3.15)
+    assert model.steps_per_execution == (1 if backend == "torch" else 2)
     train.compile_model(model, cfg, steps_per_epoch=10, devices=2)
-    assert model.steps_per_execution == 1
+    # several devices: one per call under MirroredStrategy; JAX's DataParallel keeps 2
+    assert model.steps_per_execution == (2 if backend == "jax" else 1)
 
 
 def resolve(*argv):
@@ -204,10 +220,14 @@ def test_more_devices_than_visible_is_a_clear_error():
     # Whatever this machine has: its GPUs, else one CPU device (this process does not split it).
     visible = len(backends.gpus()) or 1
     ask = visible + 1
-    with pytest.raises(SystemExit, match=fr"--devices {ask}, but {visible} device\(s\) visible"):
+    torch = keras.backend.backend() == "torch"
+    message = (fr"--devices {ask}: Keras .* has no multi-device training for the torch backend"
+               if torch else fr"--devices {ask}, but {visible} device\(s\) visible")
+    with pytest.raises(SystemExit, match=message):
         backends.pick_devices(ask, ask)
-    # By default, the most GPUs that divide W = 8, by hand: 1, 2, 4 or 8 of them.
-    assert len(backends.pick_devices(8)) == max(k for k in (1, 2, 4, 8) if k <= visible)
+    # By default, the most GPUs that divide W = 8, by hand: 1, 2, 4 or 8 of them (torch: 1).
+    assert len(backends.pick_devices(8)) == (1 if torch else max(k for k in (1, 2, 4, 8)
+                                                                  if k <= visible))
 
 
 def test_default_devices_are_the_most_gpus_dividing_w(monkeypatch):
@@ -220,6 +240,9 @@ def test_default_devices_are_the_most_gpus_dividing_w(monkeypatch):
     for count in range(10):
         fake(count)
         chosen[count] = [len(backends.pick_devices(w)) for w in (8, 6, 1)]
+    if keras.backend.backend() == "torch":   # one device whatever it sees
+        assert chosen == {count: [1, 1, 1] for count in range(10)}
+        return
     assert chosen == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 2, 1], 3: [2, 3, 1], 4: [4, 3, 1],
                       5: [4, 3, 1], 6: [4, 6, 1], 7: [4, 6, 1], 8: [8, 6, 1], 9: [8, 6, 1]}
     fake(2)
@@ -269,6 +292,8 @@ sys.exit(train.main(two))
 
 @pytest.fixture(scope="module")
 def mirrored(cifar_dir, tmp_path_factory):
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("MirroredStrategy is TensorFlow's (JAX's DataParallel: test_backends.py)")
     root = tmp_path_factory.mktemp("mirrored")
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(cifar_dir), str(root)], cwd=REPO,
                             capture_output=True, text=True)

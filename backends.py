@@ -287,10 +287,10 @@ class ScanLoop:
             for ref, value in zip(refs, values):
                 ref.assign(value)
 
-    def run(self, draws, start, stop):
+    def run(self, draws, start, stop, should_stop=lambda: False):
         """Train steps start..stop-1 of the epoch whose draws are given (cifar10.epoch_draws:
-        order, rows, cols, flips, each (n,)), in calls of self.steps; `stop` may be a callable
-        that says, between calls, to stop early. Returns the steps done and the metrics."""
+        order, rows, cols, flips, each (n,)), in calls of self.steps; should_stop() is asked
+        between calls whether to stop early. Returns the steps done and the metrics."""
         import jax.numpy as jnp
         order, rows, cols, flips = draws
         done, state = start, self.state()
@@ -302,9 +302,7 @@ class ScanLoop:
             valid = jnp.asarray(np.arange(self.steps) < n)
             state = self._call(state, chunk, valid)
             done += n
-            if self.should_stop():
+            if should_stop():
                 break
         self.sync(state)
         return done, {k: float(v) for k, v in self.model.get_metrics_result().items()}
-
-    should_stop = staticmethod(lambda: False)

@@ -576,7 +576,6 @@ def loop_rate(norm, batch_size, workers, mixed, loop, x, y, calls=2):
     compile_model, fed by backends.ScanLoop (`scan`) or model.fit (`fit`); compilation and
     the first call excluded, then the median of `calls` timed calls (scan: IMAGES_PER_SCAN
     images each; fit: one epoch of x each)."""
-    import backends
     import cifar10
     import train
     cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, mixed_precision=mixed)
@@ -587,12 +586,11 @@ def loop_rate(norm, batch_size, workers, mixed, loop, x, y, calls=2):
     padded = cifar10.padded(x, cifar10.pixel_mean(x))
     draws = cifar10.epoch_draws(len(y), cfg.seed, 0)
     if loop == "scan":
-        steps = max(1, min(total, train.IMAGES_PER_SCAN // step))
-        runner = backends.ScanLoop(model, padded, y, step, steps)
+        runner = train.scan_loop(model, padded, y, step)
 
         def one():
-            runner.run(draws, 0, steps)
-        images = steps * step
+            runner.run(draws, 0, runner.steps)
+        images = runner.steps * step
     else:
         batches = train.Batches(cifar10.TrainBatches(padded, y, step, cfg.seed, 0))
 

@@ -545,18 +545,22 @@ def _fit_epoch(model, data, cfg, state, stop, progress, total):
     return callback.steps, callback.logs
 
 
+def scan_loop(model, padded, labels, batch):
+    """backends.ScanLoop with IMAGES_PER_SCAN images of steps per call (at most an epoch)."""
+    steps = max(1, min(cifar10.steps_per_epoch(len(labels), batch), IMAGES_PER_SCAN // batch))
+    return backends.ScanLoop(model, padded, labels, batch, steps)
+
+
 def _scan_epoch(model, data, cfg, state, stop, progress, total):
     """The rest of the epoch through backends.ScanLoop (JAX): (steps done, metrics)."""
-    batch = cfg.batch_size * cfg.workers
-    loop = getattr(model, "_scan_loop", None)
+    loop = getattr(model, "_scan_loop", None)   # compiled once per run
     if loop is None:
-        steps = max(1, min(total, IMAGES_PER_SCAN // batch))
-        loop = model._scan_loop = backends.ScanLoop(model, data.padded, data.y_train, batch, steps)
+        loop = model._scan_loop = scan_loop(model, data.padded, data.y_train,
+                                            cfg.batch_size * cfg.workers)
     bar = keras.utils.Progbar(total, stateful_metrics=["ce", "acc"]) if progress else None
-    loop.should_stop = lambda: bool(stop.requested)
     model.reset_metrics()
     draws = cifar10.epoch_draws(len(data.y_train), cfg.seed, state["epoch"])
-    steps, logs = loop.run(draws, state["step"], total)
+    steps, logs = loop.run(draws, state["step"], total, lambda: bool(stop.requested))
     if bar:
         bar.update(steps, [(k, logs[k]) for k in ("ce", "acc") if k in logs])
     return steps, logs

@@ -85,6 +85,19 @@ def cifar_dir(tmp_path_factory):
     return write_cifar_fixture(tmp_path_factory.mktemp("cifar"))
 
 
+BACKENDS_PYTHON = REPO / ".venv-backends" / "bin" / "python"
+
+
+def backends_python():
+    """.venv-backends' interpreter (Keras on JAX and torch, no TensorFlow). Missing: a skip
+    here, a failure in CI, where `make test` builds it before the TensorFlow suite."""
+    if not BACKENDS_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{BACKENDS_PYTHON} is missing: make test builds it before these tests")
+        pytest.skip(f"{BACKENDS_PYTHON} not found (make .venv-backends/.stamp creates it)")
+    return BACKENDS_PYTHON
+
+
 @pytest.fixture(scope="session")
 def jpeg_cifar_dir(tmp_path_factory):
     """The JPEG copy of CIFAR-10 from ../shared/data (5,000 train, 1,000 test)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, backends_python
 
 import keras  # noqa: E402
 import backends  # noqa: E402
@@ -41,7 +41,6 @@ import cifar10  # noqa: E402
 import train  # noqa: E402
 
 BACKEND = keras.backend.backend()
-BVENV_PYTHON = REPO / ".venv-backends" / "bin" / "python"
 
 jax_or_torch = pytest.mark.skipif(BACKEND == "tensorflow",
                                   reason="JAX and PyTorch only (make test-backends runs them)")
@@ -435,10 +434,9 @@ def test_two_jax_devices_give_the_weights_of_one(cifar_dir, tmp_path, env):
 
 def other_backend(backend, *args):
     """Run .venv-backends/bin/python *args under KERAS_BACKEND=backend; skip without that venv."""
-    if not BVENV_PYTHON.exists():
-        pytest.skip(f"{BVENV_PYTHON} not found (make test-backends creates it)")
+    python = backends_python()
     env = {**os.environ, "KERAS_BACKEND": backend}
-    result = subprocess.run([str(BVENV_PYTHON), *map(str, args)], cwd=REPO, env=env,
+    result = subprocess.run([str(python), *map(str, args)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

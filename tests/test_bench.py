@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import BACKENDS_PYTHON, REPO, backends_python
 
 import keras  # noqa: E402
 import bench  # noqa: E402
@@ -106,13 +106,14 @@ def test_bench_train_table():
     assert "sweep estimate: needs every norm" in out
 
 
-BACKENDS_PYTHON = REPO / ".venv-backends" / "bin" / "python"
-needs_backends_venv = pytest.mark.skipif(
-    not BACKENDS_PYTHON.exists(), reason=f"{BACKENDS_PYTHON} (Keras with JAX and torch, no "
-                                         f"TensorFlow: make .venv-backends/.stamp) is missing")
+@pytest.fixture
+def needs_backends_venv():
+    backends_python()
 
 
-@needs_backends_venv
+
+
+@pytest.mark.usefixtures("needs_backends_venv")
 def test_bench_train_runs_without_tensorflow():
     """bench.py train on torch in the venv that has no TensorFlow: ours and the baseline."""
     result = subprocess.run(
@@ -126,7 +127,7 @@ def test_bench_train_runs_without_tensorflow():
     assert float(rows[0][3]) > 0 and float(rows[0][4]) > 0
 
 
-@needs_backends_venv
+@pytest.mark.usefixtures("needs_backends_venv")
 def test_bench_backends_table():
     """One worker per backend, each with its own Python; one table, a row per (norm, N, W).
     The parent runs in the venv without TensorFlow (so Keras there defaults to JAX) and names

@@ -9,20 +9,18 @@ import tarfile
 
 import pytest
 
-from conftest import REPO, write_cifar_fixture
+from conftest import REPO, backends_python, write_cifar_fixture
 
-PYTHON = REPO / ".venv-backends" / "bin" / "python"
 FILES = ["gpu.sh", "train.py", "backends.py", "cifar10.py", "layer.py", "bench.py",
          "reproduce.py", "plot.py"]
 
-pytestmark = pytest.mark.skipif(not PYTHON.exists(), reason=".venv-backends (JAX without "
-                                "TensorFlow, like the GPU machine) is made by make test-backends")
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """A copy of the repository as the GPU machine gets it, with .gpu/ already holding the
     data and a benchmark (so the calls skip both), and `python3` = JAX without TensorFlow."""
+    python = backends_python()
     root = tmp_path_factory.mktemp("gpu")
     for name in FILES:
         shutil.copy(REPO / name, root / name)
@@ -36,7 +34,7 @@ def tree(tmp_path_factory):
         "scan  gn      2  8    float32       100           1.0\n")
     bin_dir = root / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{PYTHON}" "$@"\n')
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{python}" "$@"\n')
     (bin_dir / "python3").chmod(0o755)
     return root
 

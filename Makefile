@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 BVENV := .venv-backends
 
-.PHONY: quick quick-jpeg test test-tf test-backends slurm-deps clean-venv
+.PHONY: quick quick-jpeg studies-quick norms-quick groups-quick workers-quick test test-tf \
+	test-backends slurm-deps clean-venv
 
 # The runtime (what the main job needs), then the test dependencies on top of it.
 $(VENV)/.stamp-run: requirements.txt
@@ -28,17 +29,23 @@ $(BVENV)/.stamp: requirements-backends.txt requirements-jax.txt
 # then reproduce.py and plot.py: models/quick/, logs/quick/, results-quick.csv,
 # plot-quick.png, curves-quick.png (apart from the paper-scale runs in models/).
 # CIFAR10_DIR=... points at a copy of CIFAR-10; LABEL="..." names it in the figure.
-quick: $(VENV)/.stamp-run
-	$(BIN)/python train.py --profile quick --models-dir models/quick --logs-dir logs/quick \
-		--results results-quick.csv --plot plot-quick.png $(if $(LABEL),--label "$(LABEL)")
+# The studies beyond Figure 1 at the same scale, each into its own files the same way
+# (models/norms-quick/, results-norms-quick.csv, plot-norms-quick.png, ...).
+# SEEDS="1 2 3" runs the grid with those seeds (a spread) instead of the profile's one.
+quick norms-quick groups-quick workers-quick: $(VENV)/.stamp-run
+	$(BIN)/python train.py --profile $@ $(if $(LABEL),--label "$(LABEL)") $(if $(SEEDS),--seeds "$(SEEDS)")
+
+studies-quick: norms-quick groups-quick workers-quick
 
 # The main job on a machine without network that holds the JPEG copy of CIFAR-10 beside
-# the checkout (../shared/data): convert it (with pillow) into JPEG_DIR, then `quick` on it.
+# the checkout (../shared/data): convert it (with pillow) into JPEG_DIR, then `quick` on it
+# (or another profile: make quick-jpeg PROFILE=norms-quick).
 JPEG_DIR ?= /tmp/cifar10-jpeg
+PROFILE ?= quick
 quick-jpeg: $(VENV)/.stamp-run
 	$(BIN)/pip install -q "pillow>=10"
 	test -d $(JPEG_DIR)/cifar-10-batches-py || $(BIN)/python ../shared/data/cifar10_jpeg.py $(JPEG_DIR)
-	$(MAKE) quick CIFAR10_DIR=$(JPEG_DIR) LABEL="CIFAR-10, JPEG re-encoded copy (not the official files)"
+	$(MAKE) $(PROFILE) CIFAR10_DIR=$(JPEG_DIR) LABEL="CIFAR-10, JPEG re-encoded copy (not the official files)"
 
 test: test-tf test-backends
 

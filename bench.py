@@ -389,24 +389,24 @@ def print_sweep(args, rate, evals):
     """Wall time of train.py's grid at these rates: EPOCHS epochs of the official set."""
     import cifar10
     import train
-    if set(args.batch_sizes) != set(train.BATCH_SIZES) or set(args.norms) != set(train.NORMS):
-        print(f"sweep estimate: needs every norm {train.NORMS} and batch size {train.BATCH_SIZES}")
+    runs = sorted({(c.norm, c.batch_size) for c in train.grid() if c.seed == train.SEEDS[0]})
+    norms = sorted({norm for norm, _ in runs})   # Figure 1's: bn and gn
+    if not {(norm, n) for norm in args.norms for n in args.batch_sizes} >= set(runs):
+        print(f"sweep estimate: needs every norm {norms} and batch size {train.BATCH_SIZES}")
         return
     n_train, n_test = cifar10.OFFICIAL_COUNTS
     for w in args.workers:
         hours = {}
         for kind in KINDS:
             seconds = 0.0
-            for norm in train.NORMS:
-                for n in train.BATCH_SIZES:
-                    step = n * w
-                    trained = cifar10.steps_per_epoch(n_train, step) * step
-                    seconds += train.EPOCHS * (trained / rate[norm, n, w, kind]
-                                               + n_test / evals[norm])
+            for norm, n in runs:
+                step = n * w
+                trained = cifar10.steps_per_epoch(n_train, step) * step
+                seconds += train.EPOCHS * (trained / rate[norm, n, w, kind]
+                                           + n_test / evals[norm])
             hours[kind] = seconds / 3600
-        runs = len(train.NORMS) * len(train.BATCH_SIZES)
         seeds = len(train.SEEDS)
-        print(f"sweep at these rates ({runs} runs = {len(train.NORMS)} norms x "
+        print(f"sweep at these rates ({len(runs)} runs = {len(norms)} norms x "
               f"{len(train.BATCH_SIZES)} batch sizes, W = {w}, {train.EPOCHS} epochs of "
               f"{n_train:,} training + {n_test:,} test images, one process at a time on this "
               f"machine): ours {hours['ours']:.1f} h, keras baseline {hours['keras']:.1f} h; "

@@ -17,6 +17,7 @@ NumPy only: fetching and checking the data on a login node needs no Keras or Ten
 """
 import argparse
 import contextlib
+import functools
 import fcntl
 import hashlib
 import os
@@ -27,6 +28,7 @@ import tarfile
 import tempfile
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +378,48 @@ class TrainBatches:
 def test_inputs(x, mean):
     """x/255 - mean, in file order, unaugmented: what evaluation predicts on."""
     return normalize(x, mean)
+
+
+# ---------------------------------------------------------------- the data of a run
+
+@dataclass
+class Data:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: np.ndarray        # per-pixel mean of the training images used (He et al.)
+    checksum: str           # sha256 of the whole data set as read, before any subset
+    source: str
+    official: bool          # 50,000 + 10,000 images, as the official release
+
+    @functools.cached_property
+    def padded(self):
+        """The training images normalized and zero-padded, float32 (n, 40, 40, 3): the
+        batches of every epoch are crops of it (TrainBatches, backends.ScanLoop)."""
+        return padded(self.x_train, self.mean)
+
+    @functools.cached_property
+    def test_inputs(self):
+        return test_inputs(self.x_test, self.mean)
+
+
+def prepare_data(data_dir=None, train_images=None, test_images=None):
+    """The data of a run: CIFAR-10 from data_dir (see locate), class-balanced subsets of
+    train_images and test_images (None: all), the per-pixel mean of the training images
+    used, and the checksum of the whole set as read (train.py and reproduce.py alike)."""
+    root = locate(data_dir)
+    with warnings.catch_warnings():   # a subset is fine here: the run record says so
+        warnings.simplefilter("ignore", SubsetWarning)
+        x_train, y_train, x_test, y_test = load(root)
+    official = (len(y_train), len(y_test)) == (50000, 10000)
+    digest = checksum(x_train, y_train, x_test, y_test)
+    if train_images:
+        x_train, y_train = balanced_subset(x_train, y_train, train_images)
+    if test_images:
+        x_test, y_test = balanced_subset(x_test, y_test, test_images)
+    return Data(x_train, y_train, x_test, y_test, pixel_mean(x_train), digest,
+                str(root), official)
 
 
 # ---------------------------------------------------------------- command line

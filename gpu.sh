@@ -5,6 +5,7 @@
 #   bash gpu.sh prepare [../shared/data]   # here: fill .gpu/ (wheels, the JPEG copy's npz)
 #   TRAIN_GIT_COMMIT=$(git rev-parse HEAD) bash gpu.sh SECONDS [TASK ...]   # there, one call
 #                 # default tasks: the default grid's entries without a run record in models/
+#   PROFILE=norms ... bash gpu.sh SECONDS   # another profile's grid (models/norms/, ...)
 #
 # 1. installs the wheels carried in .gpu/wheels/ (keras, optree, namex) into .gpu/site/
 #    where Keras is missing;
@@ -63,15 +64,17 @@ if ! python3 -c 'import keras' 2>/dev/null; then
 fi
 python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "keras", keras.__version__)' || exit 1
 
-# Default: the grid entries with no run record in models/ (the committed paper-scale runs),
-# seed by seed, largest batch first, BN and GN alternating.
+# Default: the grid entries with no run record in the profile's models folder (the committed
+# paper-scale runs), seed by seed, largest batch first, the norms alternating.
+PROFILE=${PROFILE:-default}
+models=$(python3 -c "import train; print(train.profile_paths('$PROFILE')['models_dir'])") || exit 1
 if (($#)); then
     tasks=$*
 else
-    tasks=$(python3 train.py --grid | awk '!/^#/' | sort -k10,10n -k6,6nr -k4,4 |
-        while read -r i name _; do [[ -f models/$name.json ]] || echo "$i"; done | xargs)
+    tasks=$(python3 train.py --grid --profile "$PROFILE" | awk '!/^#/' | sort -k10,10n -k6,6nr -k4,4 |
+        while read -r i name _; do [[ -f $models/$name.json ]] || echo "$i"; done | xargs)
 fi
-echo "gpu.sh: tasks: ${tasks:-none left}"
+echo "gpu.sh: profile $PROFILE, tasks: ${tasks:-none left}"
 
 data_pid=""
 if [[ ! -d .gpu/data/cifar-10-batches-py ]]; then
@@ -114,8 +117,8 @@ while ((${#queue[@]} || ${#pids[@]})); do
         t=${queue[0]}
         queue=("${queue[@]:1}")
         # shellcheck disable=SC2086  # TRAIN_ARGS: extra train.py arguments, word-split
-        XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction python3 train.py --task "$t" --loop "$loop" \
-            --data-dir .gpu/data ${TRAIN_ARGS:-} >>".gpu/console/task$t.txt" 2>&1 &
+        XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction python3 train.py --task "$t" --profile "$PROFILE" \
+            --loop "$loop" --data-dir .gpu/data ${TRAIN_ARGS:-} >>".gpu/console/task$t.txt" 2>&1 &
         pids[$t]=$!
         echo "gpu.sh: task $t started (pid $!) at $(elapsed)s"
     done

@@ -1,8 +1,13 @@
-"""GroupNormalization (Wu & He, ECCV 2018, eq. 1-2 and Figure 3) for Keras 3.
+"""The normalization layers of the reproduction, for Keras 3: GroupNormalization (Wu & He,
+ECCV 2018, eq. 1-2 and Figure 3) and WorkerBatchNormalization (the paper's BatchNorm on W
+workers that each normalize their own N images).
 
     from layer import GroupNormalization
     x = GroupNormalization(groups=8)(x)          # NHWC feature maps, 8 groups
     x = GroupNormalization(groups=8, axis=1)(x)  # channels-first
+    x = GroupNormalization(groups=1)(x)          # LayerNorm over (H, W, C)
+    x = GroupNormalization(groups=-1)(x)         # InstanceNorm: one channel per group
+    x = WorkerBatchNormalization(workers=8)(x)   # BN statistics per eighth of the batch
 
 Written with `keras.ops` only, so it runs under the TensorFlow, JAX and PyTorch
 backends. For each sample and each group of C/G channels it takes the mean and the
@@ -231,3 +236,67 @@ class GroupNormalization(keras.layers.Layer):
                 "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
                 "beta_constraint": constraints.serialize(self.beta_constraint),
                 "gamma_constraint": constraints.serialize(self.gamma_constraint)}
+
+
+# Registered as train>WorkerBatchNormalization, the name that models saved when it lived in
+# train.py carry, so that they still load.
+@keras.saving.register_keras_serializable(package="train")
+class WorkerBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNorm as on `workers` workers that do not synchronize their statistics (the paper's
+    BN: each of its 8 GPUs normalizes its own N images).
+
+    Training: the batch is cut into `workers` equal consecutive slices, each normalized with
+    its own mean and variance; the moving mean and variance are updated (with `momentum`)
+    from the mean over the slices of the per-slice mean and (biased, as Keras' BN) variance,
+    i.e. the average of what the workers' own moving averages would be. The update is linear
+    in the statistics, so on K devices, each holding W / K slices, the cross-replica mean of
+    the K updates is the same update. Inference: BatchNormalization, moving statistics.
+    """
+
+    def __init__(self, workers, **kwargs):
+        if kwargs.get("axis", -1) != -1:
+            raise ValueError(f"WorkerBatchNormalization normalizes the last axis (channels last), "
+                             f"got axis={kwargs['axis']!r}")
+        super().__init__(**kwargs)
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers should be a positive integer (1 = BatchNorm over the "
+                             f"whole batch), got {workers!r}")
+        self.workers = workers
+
+    def add_weight(self, *args, **kwargs):
+        # Keras' BN leaves aggregation "none": under MirroredStrategy the moving statistics
+        # would then keep one replica's update and drop the others' slices; "mean" averages them.
+        if not kwargs.get("trainable", True):
+            kwargs["aggregation"] = "mean"
+        return super().add_weight(*args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or self.workers == 1:
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None:
+            raise ValueError(f"{self.name}: masks are not supported with several workers")
+        batch = inputs.shape[0]
+        if batch is not None and batch % self.workers:
+            raise ValueError(f"{self.name}: a training batch of {batch} images cannot be cut "
+                             f"into {self.workers} equal worker slices")
+        ops = keras.ops
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))   # as Keras' BN
+        slices = ops.reshape(x, (self.workers, -1, *x.shape[1:]))   # (W, N, H, W, C)
+        axes = list(range(1, len(slices.shape) - 1))
+        mean, variance = ops.moments(slices, axes=axes, keepdims=True)
+        # ops.batch_normalization's own formula, written out: on JAX and PyTorch it reshapes
+        # the statistics to the channel axis, and these are (W, 1, 1, 1, C).
+        inv = ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * ops.cast(self.gamma, x.dtype)
+        shift = -mean * inv
+        if self.center:
+            shift = shift + ops.cast(self.beta, x.dtype)
+        y = slices * inv + shift
+        for moving, stat in ((self.moving_mean, mean), (self.moving_variance, variance)):
+            stat = ops.mean(ops.reshape(stat, (self.workers, -1)), axis=0)
+            moving.assign(moving * self.momentum + stat * (1.0 - self.momentum))
+        return ops.cast(ops.reshape(y, ops.shape(x)), self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "workers": self.workers}

@@ -1,8 +1,15 @@
-"""Redraw Figure 1 of Wu & He, Group Normalization (ECCV 2018) from results.csv.
+"""Redraw Figure 1 of Wu & He, Group Normalization (ECCV 2018) from results.csv, and the
+figures of the paper's other studies.
 
     python plot.py [--results results.csv] [--out plot.png] [--metric median_last5_error]
                    [--label TEXT]
     python plot.py --curves [--models-dir models] [--out curves.png] [--label TEXT]
+    python plot.py --study norms --results results-norms.csv --models-dir models/norms \\
+                   --out plot-norms.png       # Figure 4 (curves) and Table 1, a line per norm
+    python plot.py --study groups --results results-groups.csv --out plot-groups.png
+                                              # Table 3: error against G and against C / G
+    python plot.py --study workers --results results-workers.csv --out plot-workers.png
+                                              # error against N, a line per W
 
 The first form writes plot.png: error (%) against the batch size per worker
 (log2 axis, 32 -> 2 left to right as in the paper), one line per normalization,
@@ -18,14 +25,16 @@ per-epoch history from the run records models/NAME.json that train.py writes
 (the same numbers as the TensorBoard logs under logs/NAME, without needing
 TensorBoard to read them).
 
+--study norms and --study groups also print their table (markdown) on stdout, with the
+paper's ImageNet numbers beside it. train.py's profiles (norms, groups, workers, and their
+-quick variants) make the results these read; sweep.py draws them after a whole grid.
+
 plot.py never trains or evaluates: it only reads files. Both PNGs are written
-atomically (a temporary file in the same folder, then os.replace).
+atomically (runfiles.atomic_write: a temporary file in the same folder, then a rename).
 """
 import argparse
 import json
-import os
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -37,10 +46,13 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import runfiles  # noqa: E402
+
 # Columns plot.py needs from results.csv (reproduce.py writes these and more).
 TEXT_COLUMNS = ["norm"]
 NUMERIC_COLUMNS = ["groups", "batch_size", "workers", "seed", "epochs",
                    "test_error", "median_last5_error"]
+OPTIONAL_NUMBERS = ["groups", "channels_per_group"]   # may be blank (in: no fixed G)
 METRICS = {"median_last5_error": "median test error of the final 5 epochs",
            "test_error": "test error of the final model"}
 BATCH_SIZES = [32, 16, 8, 4, 2]  # the paper's x axis, images per worker
@@ -51,6 +63,13 @@ STYLE = {"bn": dict(color="#1f5fa8", marker="o", name="BN"),
 # final 5 epochs, %), drawn in the second panel.
 PAPER_IMAGENET = {"bn": [23.6, 23.7, 24.8, 27.3, 34.7],
                   "gn": [24.1, 24.2, 24.0, 24.2, 24.1]}
+
+# The paper's Table 1 (ResNet-50 on ImageNet, 32 images per GPU, validation error %) and
+# Table 3 (the same, by number of groups G and by channels per group; only the values of
+# G and C / G that ResNet-20's narrowest layers, 16 channels, allow are drawn here).
+PAPER_TABLE1 = {"BN": 23.6, "LN": 25.3, "IN": 28.4, "GN": 24.1}
+PAPER_TABLE3_GROUPS = {64: 24.6, 32: 24.1, 16: 24.6, 8: 24.4, 4: 24.6, 2: 24.7, 1: 25.3}
+PAPER_TABLE3_CHANNELS = {64: 24.4, 32: 24.5, 16: 24.2, 8: 24.3, 4: 24.8, 2: 25.6, 1: 28.4}
 
 
 class ResultsError(Exception):
@@ -81,9 +100,13 @@ def read_results(path, metric="median_last5_error"):
 
 def check_values(df, path):
     """Convert the numeric columns; name the first bad cell by column and line."""
-    for col in dict.fromkeys(NUMERIC_COLUMNS + [c for c in METRICS if c in df.columns]):
+    if "channels_per_group" not in df.columns:   # results.csv before the groups study
+        df["channels_per_group"] = ""
+    for col in dict.fromkeys(NUMERIC_COLUMNS + OPTIONAL_NUMBERS
+                             + [c for c in METRICS if c in df.columns]):
         values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.astype(float))
+        blank = (df[col].str.strip() == "") if col in OPTIONAL_NUMBERS else False
+        bad = (values.isna() | ~np.isfinite(values.astype(float))) & ~blank
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ResultsError(f"{path}: column {col!r} has a non-numeric value "
@@ -109,7 +132,7 @@ def series_labels(df):
         if df.loc[df.norm == row.norm, "groups"].nunique() > 1:
             text += f" (G={int(row.groups)})"
         if df["workers"].nunique() > 1:
-            text += f", {int(row.workers)} workers"
+            text += f", {int(row.workers)} worker{'s' if row.workers > 1 else ''}"
         return text
     return [label(row) for row in df.itertuples()]
 
@@ -181,7 +204,8 @@ def provenance(df, label=None, unit="point"):
         profiles = sorted(set(df["profile"].astype(str)) - {""})
         if profiles:
             parts.append(" / ".join(profiles) + " profile")
-    seeds = df.groupby(["norm", "groups", "workers", "batch_size"]).seed.nunique()
+    keys = ["norm", "groups", "channels_per_group", "workers", "batch_size"]
+    seeds = df.groupby([k for k in keys if k in df.columns], dropna=False).seed.nunique()
     parts.append(f"{span(seeds)} seed{'s' if seeds.max() > 1 else ''} per {unit}")
     if "date" in df.columns:
         dates = sorted(set(df["date"].astype(str)) - {""})
@@ -201,29 +225,15 @@ def provenance(df, label=None, unit="point"):
 
 # ---------------------------------------------------------------- drawing
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _wrapped(text, width=150):
     return "\n".join(textwrap.wrap(text, width))
 
 
 def save_atomic(fig, out):
-    """savefig to a temporary file beside out, then os.replace it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=out.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; a figure is for everyone
+    """savefig to a temporary file beside out, then rename it into place; close the figure."""
     try:
-        fig.savefig(tmp, format="png", dpi=150)
-        os.replace(tmp, out)
+        runfiles.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         plt.close(fig)
 
 
@@ -241,10 +251,15 @@ def batch_axis(ax, sizes):
 
 def draw_panel(ax, agg, title, ylabel):
     """Lines with markers, the spread as a band, and the BN - GN gap per batch size."""
+    seen = {}   # a second line of the same norm (another W or G): dashed, open markers
     for series, g in agg.groupby("series", sort=False):
-        style = STYLE.get(g.norm.iloc[0], dict(color=None, marker="^"))
+        norm = g.norm.iloc[0]
+        style = STYLE.get(norm, dict(color=None, marker="^"))
+        again = seen.setdefault(norm, 0)
+        seen[norm] += 1
         line, = ax.plot(g.batch_size, g["mean"], marker=style["marker"], color=style["color"],
-                        lw=1.8, ms=6, label=series)
+                        lw=1.8, ms=6, label=series, ls=("-", "--", ":", "-.")[again % 4],
+                        mfc="white" if again else None)
         if (g.high > g.low).any():
             ax.fill_between(g.batch_size, g.low, g.high, color=line.get_color(), alpha=0.18, lw=0)
     batch_axis(ax, agg.batch_size)
@@ -325,12 +340,14 @@ def read_records(models_dir):
             for key in ("norm", "groups", "batch_size", "workers", "seed", "epochs"):
                 config[key]
             epochs = [(int(h["epoch"]), float(h["test_error"])) for h in history]
+            train_errors = [float(h.get("train_error", "nan")) for h in history]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ResultsError(f"{path}: not a run record with a per-epoch history "
                                f"({type(e).__name__}: {e})")
         if epochs:
             data = rec.get("data") or {}
             records.append(dict(config, name=rec.get("name", path.stem), history=epochs,
+                                train_history=train_errors,
                                 data_checksum=data.get("checksum", ""),
                                 train_images=data.get("train_images", config.get("train_images")),
                                 git_commit=rec.get("git_commit", "")))
@@ -385,6 +402,177 @@ def plot_curves(records, out, label=None):
     return table
 
 
+# ---------------------------------------------------------------- the studies
+
+NORM_ORDER = ["bn", "ln", "in", "gn"]   # as in the paper's Table 1
+STYLE |= {"ln": dict(color="#2e8b57", marker="^", name="LN"),
+          "in": dict(color="#8a5cb8", marker="D", name="IN")}
+
+
+def summary(values):
+    """'54.05' for one value, '54.05 \u00b1 0.80' (std) for 3+, '54.05 (53.1-55.0)' for 2."""
+    x = np.asarray(values, float)
+    if len(x) >= 3:
+        return f"{x.mean():.2f} \u00b1 {x.std(ddof=1):.2f}"
+    if len(x) == 2:
+        return f"{x.mean():.2f} ({x.min():.2f}-{x.max():.2f})"
+    return f"{x.mean():.2f}"
+
+
+def study_table(df, metric, key, label, reference=None):
+    """One row per value of `key` (a function of a results row): its error over seeds, and
+    the difference of the means to `reference`'s row (else to the best row)."""
+    df = df.assign(what=[key(r) for r in df.itertuples()]).dropna(subset=["what"])
+    rows = [dict(what=w, seeds=len(g), error=summary(g[metric]), mean=float(g[metric].mean()))
+            for w, g in df.groupby("what", sort=False)]
+    table = pd.DataFrame(rows)
+    base = (table.loc[table.what == reference, "mean"].iloc[0]
+            if reference in set(table.what) else table["mean"].min())
+    table["difference"] = [f"{m - base:+.2f}" for m in table["mean"]]
+    return table.rename(columns={"what": label})
+
+
+def markdown(table, columns):
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table[columns].values]
+    return "\n".join(lines)
+
+
+def draw_table(ax, table, columns, title):
+    ax.axis("off")
+    cells = ax.table(cellText=table[columns].values.tolist(), colLabels=columns,
+                     loc="center", cellLoc="center")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(8.5)
+    cells.auto_set_column_width(list(range(len(columns))))
+    cells.scale(1, 1.4)
+    ax.set_title(title, fontsize=10)
+
+
+def subtitle(fig, df, label, metric, extra=""):
+    text = (_wrapped(provenance(df, label)) + "\n"
+            + _wrapped(f"{METRICS.get(metric, metric)}, mean over seeds{extra}"))
+    fig.text(0.5, 0.94, text, ha="center", va="top", fontsize=8.5, color="0.25", linespacing=1.4)
+    return text
+
+
+def norm_name(norm):
+    return STYLE.get(norm, {}).get("name", norm.upper())
+
+
+def norms_table(df, metric):
+    order = [n for n in NORM_ORDER if n in set(df.norm)] + sorted(set(df.norm) - set(NORM_ORDER))
+    df = df.assign(norm=pd.Categorical(df.norm, order)).sort_values("norm")
+    table = study_table(df, metric, lambda r: norm_name(r.norm), "norm", reference="BN")
+    table["paper (ImageNet)"] = [PAPER_TABLE1.get(n, "") for n in table["norm"]]
+    return table
+
+
+def plot_norms(df, records, out, metric="median_last5_error", label=None):
+    """The paper's Figure 4 (training and test error per epoch, a line per norm) and Table 1."""
+    table = norms_table(df, metric)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), gridspec_kw=dict(width_ratios=[1, 1, 0.9]))
+    runs = [r for r in records if r["norm"].lower() in set(df.norm)]
+    for ax, key, name in ((axes[0], "train_history", "training error"),
+                          (axes[1], "history", "test error")):
+        for norm in [n for n in NORM_ORDER if any(r["norm"].lower() == n for r in runs)]:
+            mine = [r for r in runs if r["norm"].lower() == norm]
+            errors = [[e for _, e in r["history"]] if key == "history" else r[key] for r in mine]
+            length = min(len(e) for e in errors)
+            mean = np.mean([e[:length] for e in errors], axis=0)
+            ax.plot(range(1, length + 1), mean, color=STYLE[norm]["color"], lw=1.6,
+                    label=f"{norm_name(norm)} ({len(mine)} seed{'s' if len(mine) > 1 else ''})")
+        ax.set_title(f"{name} per epoch", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{name} (%)")
+        ax.grid(True, color="0.9", lw=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(frameon=False, fontsize=8.5)
+    columns = ["norm", "seeds", "error", "difference", "paper (ImageNet)"]
+    draw_table(axes[2], table, columns, "Table 1: error (%) at the final epochs; difference to BN")
+    workers = span(df["workers"].astype(int))
+    fig.suptitle(f"Normalization methods at {span(df['batch_size'].astype(int))} images per "
+                 f"worker, {workers} worker{'' if workers == '1' else 's'} "
+                 f"(Figure 4 and Table 1 of the paper)",
+                 fontsize=12, y=0.985)
+    text = subtitle(fig, df, label, metric, "; training error: during each epoch, "
+                    "augmented, as the paper's Figure 4; paper: ResNet-50 on ImageNet")
+    fig.tight_layout()
+    fig.subplots_adjust(top=0.86 - 0.04 * (text.count("\n") + 1))
+    save_atomic(fig, out)
+    return table
+
+
+def groups_tables(df, metric):
+    """Table 3's two halves: by G (fixed groups) and by channels per group (C / G fixed)."""
+    def by_groups(r):
+        return 1 if r.norm == "ln" else (int(r.groups) if r.norm == "gn" and pd.isna(r.channels_per_group)
+                                         and not pd.isna(r.groups) else None)
+
+    def by_channels(r):
+        return 1 if r.norm == "in" else (int(r.channels_per_group) if r.norm == "gn"
+                                         and not pd.isna(r.channels_per_group) else None)
+    out = {}
+    for name, key, paper in (("groups G", by_groups, PAPER_TABLE3_GROUPS),
+                             ("channels per group", by_channels, PAPER_TABLE3_CHANNELS)):
+        rows = df.assign(k=[key(r) for r in df.itertuples()]).dropna(subset=["k"])
+        rows = rows.sort_values("k", ascending=False)
+        table = study_table(rows, metric, lambda r: int(r.k), name)
+        table["paper (ImageNet)"] = [paper.get(int(k), "") for k in table[name]]
+        out[name] = table
+    return out
+
+
+def plot_groups(df, out, metric="median_last5_error", label=None):
+    """Table 3: error against the number of groups and against the channels per group."""
+    tables = groups_tables(df, metric)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), gridspec_kw=dict(height_ratios=[1, 0.8]))
+    for col, (name, table) in enumerate(tables.items()):
+        ax = axes[0][col]
+        if len(table):
+            ks = table[name].astype(int).to_numpy()
+            means = table["mean"].to_numpy()
+            ax.plot(ks, means, marker="s", color=STYLE["gn"]["color"], lw=1.8)
+            for k, m, e in zip(ks, means, table["error"]):
+                ax.annotate(e.split(" ")[0], (k, m), xytext=(0, 6), textcoords="offset points",
+                            ha="center", fontsize=7.5)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+            ax.minorticks_off()
+            ax.invert_xaxis()
+        ax.set_xlabel(name + (" (1 = LN)" if name == "groups G" else " (1 = IN)"))
+        ax.set_ylabel("test error (%)")
+        ax.grid(True, color="0.9", lw=0.8)
+        ax.set_title(f"GN by {name}", fontsize=10)
+        draw_table(axes[1][col], table, [name, "seeds", "error", "difference", "paper (ImageNet)"],
+                   f"difference: to the best {name.split()[0]} setting")
+    fig.suptitle(f"Group division at {span(df['batch_size'].astype(int))} images per worker "
+                 f"(Table 3 of the paper)", fontsize=12, y=0.985)
+    text = subtitle(fig, df, label, metric, "; paper: ResNet-50 on ImageNet, whose narrowest "
+                    "layers have 64 channels (here 16: G and C / G at most 16)")
+    fig.tight_layout()
+    fig.subplots_adjust(top=0.86 - 0.03 * (text.count("\n") + 1))
+    save_atomic(fig, out)
+    return tables
+
+
+def plot_workers(df, out, metric="median_last5_error", label=None):
+    """Error against N, a line per W (and norm): BN's per-worker statistics or per step."""
+    agg = aggregate(df, metric)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.3))
+    draw_panel(left, agg, "CIFAR-10, ResNet-20 (this reproduction)", "test error (%)")
+    draw_panel(right, aggregate(paper_results()), "ImageNet, ResNet-50, 8 workers (paper, Table 2)",
+               "validation error (%)")
+    fig.suptitle("Batch size per worker or per step: BN with W workers of N images",
+                 fontsize=12, y=0.985)
+    text = subtitle(fig, df, label, metric, f"; {spread_note(agg)}; W = 1: BN over the step's N "
+                    f"images; W = 8: each worker's N, the step has 8N" + missing_note(df))
+    fig.tight_layout()
+    fig.subplots_adjust(top=0.88 - 0.04 * (text.count("\n") + 1))
+    save_atomic(fig, out)
+    return agg
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
@@ -396,7 +584,11 @@ def parse_args(argv=None):
     p.add_argument("--label", help="text put first in the figure's provenance line")
     p.add_argument("--curves", action="store_true",
                    help="draw the training curves from the run records instead")
-    p.add_argument("--models-dir", default="models", help="run records for --curves")
+    p.add_argument("--models-dir", default="models",
+                   help="run records for --curves and --study norms")
+    p.add_argument("--study", choices=("figure1", "norms", "groups", "workers"), default="figure1",
+                   help="which figure: Figure 1 (default); norms: Figure 4 and Table 1; groups: "
+                        "Table 3; workers: error against N, a line per W (train.py --profile)")
     return p.parse_args(argv)
 
 
@@ -408,7 +600,18 @@ def main(argv=None):
             plot_curves(read_records(args.models_dir), out, args.label)
         else:
             out = args.out or "plot.png"
-            plot_figure1(read_results(args.results, args.metric), out, args.metric, args.label)
+            df = read_results(args.results, args.metric)
+            if args.study == "norms":
+                table = plot_norms(df, read_records(args.models_dir), out, args.metric, args.label)
+                print(markdown(table, ["norm", "seeds", "error", "difference", "paper (ImageNet)"]))
+            elif args.study == "groups":
+                for name, table in plot_groups(df, out, args.metric, args.label).items():
+                    print(markdown(table, [name, "seeds", "error", "difference",
+                                           "paper (ImageNet)"]) + "\n")
+            elif args.study == "workers":
+                plot_workers(df, out, args.metric, args.label)
+            else:
+                plot_figure1(df, out, args.metric, args.label)
     except ResultsError as e:
         print(f"plot.py: error: {e}", file=sys.stderr)
         return 1

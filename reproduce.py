@@ -4,15 +4,18 @@
 
 For each models/NAME.keras (models/checkpoints/ is ignored) it reads the run record
 models/NAME.json beside it, loads the model with safe_mode=True, prepares the same
-data the run used (train.prepare_data: the normalisation mean depends on the
+data the run used (cifar10.prepare_data: the normalisation mean depends on the
 training subset) and evaluates it with train.evaluate, the very function the run
 used for its own final evaluation, so the test error is the run's.
 
 results.csv has one row per model, sorted by norm, batch size (descending), seed:
 
-    norm, groups, batch_size, workers, seed, epochs, test_error, test_loss,
-    median_last5_error, params, model,                      <- required (errors in %)
+    norm, groups, channels_per_group, batch_size, workers, seed, epochs, test_error,
+    test_loss, median_last5_error, params, model,            <- required (errors in %)
     train_images, test_images, profile, data_source, data_checksum, git_commit, date
+
+norm is bn, gn, ln or in; groups is G where it is the same in every layer (gn; ln: 1),
+channels_per_group is C / G where that is (gn with --channels-per-group; in: 1).
 
 median_last5_error is the paper's statistic (median test error of the final 5
 epochs), taken from the run's history; the last columns are provenance from the
@@ -35,11 +38,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import layer  # noqa: E402,F401  (registers GroupNormalization for loading)
+import layer  # noqa: E402,F401  (registers the normalization layers for loading)
+import cifar10  # noqa: E402
+import runfiles  # noqa: E402
 import train  # noqa: E402
 
-COLUMNS = ["norm", "groups", "batch_size", "workers", "seed", "epochs", "test_error",
-           "test_loss", "median_last5_error", "params", "model"]
+COLUMNS = ["norm", "groups", "channels_per_group", "batch_size", "workers", "seed", "epochs",
+           "test_error", "test_loss", "median_last5_error", "params", "model"]
 PROVENANCE = ["train_images", "test_images", "profile", "data_source", "data_checksum",
               "git_commit", "date"]
 CONFIG_KEYS = ["norm", "groups", "batch_size", "workers", "seed", "epochs"]
@@ -99,7 +104,7 @@ def count_params(model):
 
 
 class DataCache:
-    """train.prepare_data once per distinct (train_images, test_images) of the runs."""
+    """cifar10.prepare_data once per distinct (train_images, test_images) of the runs."""
 
     def __init__(self, data_dir):
         self.data_dir, self.cache = data_dir, {}
@@ -112,7 +117,7 @@ class DataCache:
         key = (run.get("train_images"), run.get("test_images"))
         if key not in self.cache:
             try:
-                self.cache[key] = train.prepare_data(self.data_dir, train_images=key[0],
+                self.cache[key] = cifar10.prepare_data(self.data_dir, train_images=key[0],
                                                      test_images=key[1])
             except (OSError, ValueError) as e:
                 raise DataError(f"cannot prepare the test data (--data-dir "
@@ -125,6 +130,7 @@ def make_row(record, model_path, test_loss, test_error, params):
     DECIMALS (so 57.49999999999999 is written 57.5)."""
     config, data = record["config"], record.get("data") or {}
     row = {k: config[k] for k in CONFIG_KEYS}
+    row.update(groups_of(config))
     row.update(norm=str(config["norm"]).lower(), test_error=float(test_error),
                test_loss=float(test_loss), median_last5_error=median_last5(record["history"]),
                params=int(params), model=str(model_path))
@@ -135,6 +141,19 @@ def make_row(record, model_path, test_loss, test_error, params):
                data_checksum=data.get("checksum", ""), git_commit=record.get("git_commit", ""),
                date=run_date(record, model_path))
     return row
+
+
+def groups_of(config):
+    """groups and channels_per_group as the run used them: G fixed (gn; ln: 1), or C / G
+    fixed (gn with channels_per_group; in: 1), the other one empty; bn keeps its config's."""
+    norm, cpg = str(config["norm"]).lower(), config.get("channels_per_group")
+    if norm == "ln":
+        return {"groups": 1, "channels_per_group": None}
+    if norm == "in":
+        return {"groups": None, "channels_per_group": 1}
+    if norm == "gn" and cpg:
+        return {"groups": None, "channels_per_group": cpg}
+    return {"groups": config["groups"], "channels_per_group": None}
 
 
 def run_date(record, model_path):
@@ -174,13 +193,14 @@ def evaluate_one(model_path, cache):
 def results_table(rows):
     """The rows as results.csv's table: required columns first, sorted."""
     df = pd.DataFrame(rows, columns=COLUMNS + PROVENANCE)
-    return df.sort_values(["norm", "batch_size", "seed", "workers", "groups"],
-                          ascending=[True, False, True, True, True], ignore_index=True)
+    df = df.astype({"groups": "Int64", "channels_per_group": "Int64"})   # blank, not 8.0
+    return df.sort_values(["norm", "batch_size", "seed", "workers", "groups", "channels_per_group"],
+                          ascending=[True, False, True, True, True, True], ignore_index=True)
 
 
 def write_csv(df, out):
-    """Write atomically (train.py's temporary-file-and-rename)."""
-    train._atomic(out, lambda tmp: df.to_csv(tmp, index=False))
+    """Write atomically (runfiles.atomic_write)."""
+    runfiles.atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def warn(message):

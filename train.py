@@ -1,4 +1,5 @@
-"""ResNet-20 with BatchNorm or GroupNorm on CIFAR-10: one run of the sweep, resumable.
+"""ResNet-20 with BatchNorm, GroupNorm, LayerNorm or InstanceNorm on CIFAR-10: the recipe,
+the grids of the studies, the ResNet builder, and one resumable run with its command line.
 
     python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
     python train.py --norm bn --batch-size 4 --workers 8 # 8 workers of 4 images per step
@@ -6,32 +7,32 @@
                                                          # (on 2 GPUs: see backends.py)
     KERAS_BACKEND=jax python train.py ...                # any Keras backend: TensorFlow
                                                          # (default), JAX, PyTorch
-    python train.py --grid [--profile quick]             # print the grid (train.sh reads it)
-    python train.py --profile quick                      # every grid entry at laptop scale,
+    python train.py --grid [--profile quick]             # print a profile's grid
+    python train.py --profile quick                      # every entry of a profile's grid,
                                                          # then reproduce.py and plot.py
+                                                         # (handed over to sweep.py)
 
 A step takes W * N images (W workers of N, --workers, --batch-size); BatchNorm normalizes
 each worker's N on its own, the gradient is over all W * N, as on the paper's 8 GPUs.
-A run NAME (e.g. bn_b4_w8_s1; gn_b32_s1 at W = 1) writes models/NAME.keras (the final
-model), models/NAME.json (its run record: configuration, per-epoch history, the paper's
-statistic, provenance) and logs/NAME/ (TensorBoard scalars). It checkpoints to
-models/checkpoints/ at every epoch end and, on SIGUSR1/SIGTERM, at the end of the current
-compiled call (IMAGES_PER_EXECUTION images of steps under fit, IMAGES_PER_SCAN under JAX's
-scan loop), then exits with status 75; rerunning the same command resumes and ends with the
-same weights as an uninterrupted run (resumed on other --devices: up to float rounding).
+A run NAME (e.g. bn_b4_w8_s1; gn_b32_s1 at W = 1; gn_g4_... with G = 4) writes
+models/NAME.keras (the final model), models/NAME.json (its run record: configuration,
+per-epoch history, the paper's statistic, provenance) and logs/NAME/ (TensorBoard
+scalars); a profile P other than the paper's Figure 1 uses models/P/ and logs/P/. It
+checkpoints to models/checkpoints/ at every epoch end and, on SIGUSR1/SIGTERM, at the end
+of the current compiled call (IMAGES_PER_EXECUTION images of steps under fit,
+IMAGES_PER_SCAN under JAX's scan loop), then exits with status 75; rerunning the same
+command resumes and ends with the same weights as an uninterrupted run (resumed on other
+--devices: up to float rounding). Files are written through runfiles.py, the data read
+through cifar10.py, what differs per backend is in backends.py.
 """
 import argparse
 import contextlib
 import functools
-import json
 import os
-import platform
 import signal
 import statistics
-import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,18 +40,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class StopOnSignal:
-    """SIGUSR1/SIGTERM ask the run to stop at the end of the current step (a context manager)."""
+    """SIGUSR1/SIGTERM (or `signals`) ask the run to stop at the end of the current compiled
+    call (a context manager; `requested` names the signal once one came)."""
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self):
-        self.requested = None
+    def __init__(self, signals=SIGNALS):
+        self.requested, self.signals = None, signals
 
     def handle(self, signum, frame):
         self.requested = signal.Signals(signum).name
         print(f"received {self.requested}: checkpointing at the end of the current call", flush=True)
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
         return self
 
     def __exit__(self, *exc):
@@ -68,7 +70,8 @@ import numpy as np  # noqa: E402
 
 import backends  # noqa: E402
 import cifar10  # noqa: E402
-import layer  # noqa: E402  (registers GroupNormalization for loading)
+import layer  # noqa: E402  (registers the normalization layers for loading)
+import runfiles  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # The recipe (Wu & He 2018, Sec. 6.1, on He et al. 2015, Sec. 4.2) and the sweep grid.
@@ -93,21 +96,45 @@ THREADS = 1                 # intra-op threads per process (TensorFlow, XLA on C
                             #   more runs at once (train.sh's array tasks). Fixed, so that a
                             #   result does not depend on the machine's core count.
 
-NORMS = ("bn", "gn")
+NORMS = ("bn", "gn", "ln", "in")  # ln: GN with one group (layer.GroupNormalization(groups=1)),
+                                  #   in: one channel per group (groups=-1, instance norm)
 BATCH_SIZES = (32, 16, 8, 4, 2)   # images per worker, Figure 1's x axis
 SEEDS = (1, 2, 3)                 # three seeds, so the figure can show the spread
 WORKERS = 8                       # workers W of the default sweep, the paper's 8 GPUs: a step
                                   #   takes W * N images, BN normalizes each N on its own
+GROUP_COUNTS = (1, 2, 4, 8, 16)        # Table 3, top: G (at most 16, the narrowest width)
+CHANNELS_PER_GROUP = (1, 2, 4, 8, 16)  # Table 3, bottom: C / G fixed in every layer
 
-# A profile scales the whole experiment; "default" is the paper's scale and setting.
-PROFILES = {
-    "default": dict(epochs=EPOCHS, train_images=None, test_images=None, seeds=SEEDS,
-                    workers=WORKERS),
-    # Laptop scale: the whole grid (one seed, two runs at a time) in about 16 minutes on 2 CPU
-    # cores: 6,000 training images (12 %), 5 epochs, 2,000 test images (all class-balanced).
-    # W = 1 (BN over the whole step, as earlier single-device reproductions): at W = 8 a
-    # small training set makes too few steps per epoch at N = 32 to learn anything.
+# A study is the runs of one question, as Config fields (the rest from the scale).
+STUDIES = {
+    "figure1": [dict(norm=n, batch_size=b) for n in ("bn", "gn") for b in BATCH_SIZES],
+    # Figure 4 and Table 1: the four normalizations at 32 images per worker.
+    "norms": [dict(norm=n, batch_size=32) for n in NORMS],
+    # Table 3: GN with G groups, then with C / G channels per group.
+    "groups": [dict(norm="gn", batch_size=32, groups=g) for g in GROUP_COUNTS]
+              + [dict(norm="gn", batch_size=32, channels_per_group=c) for c in CHANNELS_PER_GROUP],
+    # BN's degradation per worker or per step: Figure 1's axis at W = 1 and at W = 8.
+    "workers": [dict(norm="bn", batch_size=b, workers=w) for w in (1, WORKERS) for b in BATCH_SIZES],
+}
+# A scale: the paper's, or laptop scale (6,000 training images, 12 %, 5 epochs, 2,000 test
+# images, all class-balanced). At laptop scale W = 1 (BN over the whole step, as earlier
+# single-device reproductions) where a study does not set W: at W = 8 so few images make too
+# few steps per epoch at N = 32 to learn much (the workers study shows it).
+SCALES = {
+    "paper": dict(epochs=EPOCHS, train_images=None, test_images=None, seeds=SEEDS, workers=WORKERS),
     "quick": dict(epochs=5, train_images=6000, test_images=2000, seeds=(1,), workers=1),
+}
+# A profile is a study at a scale; "default" is Figure 1 at the paper's scale. Minutes: the
+# whole grid on 2 CPU cores, two runs at a time (this machine, `python sweep.py --profile P`).
+PROFILES = {
+    "default": ("figure1", "paper"),
+    "quick": ("figure1", "quick"),              # about 16-30 minutes
+    "norms": ("norms", "paper"),
+    "norms-quick": ("norms", "quick"),          # about 8 minutes
+    "groups": ("groups", "paper"),
+    "groups-quick": ("groups", "quick"),        # about 18 minutes
+    "workers": ("workers", "paper"),
+    "workers-quick": ("workers", "quick"),      # about 20 minutes
 }
 PREEMPTED = 75              # exit status after a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL)
 # ---------------------------------------------------------------------------
@@ -119,18 +146,25 @@ class Config:
     batch_size: int = 32
     seed: int = 1
     epochs: int = EPOCHS
-    groups: int = GROUPS
+    groups: int = GROUPS              # GN's G (ln: 1, in: one per channel, whatever this says)
     workers: int = 1                  # W: a step takes W * batch_size images (see WORKERS)
     train_images: int | None = None   # class-balanced subset of the training set; None = all
     test_images: int | None = None    # class-balanced subset of the test set; None = all
     profile: str = "default"
     jit_compile: bool = False         # XLA (GPU option; Keras' "auto" would turn it on there)
     mixed_precision: bool = False     # mixed_float16 (GPU option; GN and BN keep float32 stats)
+    channels_per_group: int | None = None   # GN: C / G fixed in every layer instead of G
 
     @property
     def name(self):
+        """e.g. bn_b4_w8_s1; gn_g4_b32_s1 (G = 4), gn_c2_b32_s1 (2 channels per group)."""
+        norm = self.norm
+        if self.norm == "gn" and self.channels_per_group:
+            norm += f"_c{self.channels_per_group}"
+        elif self.norm == "gn" and self.groups != GROUPS:
+            norm += f"_g{self.groups}"
         workers = f"_w{self.workers}" if self.workers > 1 else ""
-        return f"{self.norm}_b{self.batch_size}{workers}_s{self.seed}"
+        return f"{norm}_b{self.batch_size}{workers}_s{self.seed}"
 
     @property
     def lr(self):
@@ -145,12 +179,50 @@ class Config:
         return [max(1, round(d * self.epochs / EPOCHS)) for d in LR_DROPS]
 
 
-def grid(profile="default"):
-    """The sweep, seed-major: entries 0-9 are seed 1 (bn then gn, batch 32 to 2), and so on."""
-    p = PROFILES[profile]
-    return [Config(norm=n, batch_size=b, seed=s, epochs=p["epochs"], workers=p["workers"],
-                   train_images=p["train_images"], test_images=p["test_images"], profile=profile)
-            for s in p["seeds"] for n in NORMS for b in BATCH_SIZES]
+def grid(profile="default", seeds=None):
+    """The profile's runs, seed-major: all of seed 1's study in STUDIES order, then seed 2's...
+    seeds: other seeds than the scale's (--seeds), e.g. a spread at laptop scale."""
+    study, scale = PROFILES[profile]
+    s = SCALES[scale]
+    base = dict(epochs=s["epochs"], workers=s["workers"], train_images=s["train_images"],
+                test_images=s["test_images"], profile=profile)
+    return [Config(**{**base, **run, "seed": seed}) for seed in (seeds or s["seeds"])
+            for run in STUDIES[study]]
+
+
+def profile_paths(profile, args=None):
+    """Where a profile's files go: models/, logs/, results.csv, plot.png, curves.png for the
+    paper's Figure 1; models/P/, logs/P/, results-P.csv, plot-P.png, curves-P.png for
+    another profile P. args (the command line) may override each (None: the default)."""
+    suffix = "" if profile == "default" else f"-{profile}"
+    sub = "" if profile == "default" else f"/{profile}"
+    paths = {"models_dir": f"models{sub}", "logs_dir": f"logs{sub}",
+             "results": f"results{suffix}.csv", "plot": f"plot{suffix}.png",
+             "curves": f"curves{suffix}.png"}
+    for key in paths:
+        if getattr(args, key, None) is not None:
+            paths[key] = str(getattr(args, key))
+    if getattr(args, "plot", None) is not None:   # --plot x/plot-a.png: x/curves-a.png beside it
+        plot = Path(args.plot)
+        paths["curves"] = str(plot.with_name(plot.name.replace("plot", "curves", 1)
+                                             if "plot" in plot.name else f"{plot.stem}-curves.png"))
+    return paths
+
+
+def figures(profile, paths):
+    """plot.py's arguments for the figures of a profile's report (sweep.py runs them)."""
+    study, scale = PROFILES[profile]
+    # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
+    # epochs those 5 include its first ones, so a reduced scale plots the final error.
+    metric = [] if SCALES[scale]["epochs"] >= 20 else ["--metric", "test_error"]
+    results = ["--results", paths["results"]]
+    if study == "figure1":
+        return [[*results, "--out", paths["plot"], *metric],
+                ["--curves", "--models-dir", paths["models_dir"], "--out", paths["curves"]]]
+    if study == "norms":   # Figure 4: error curves, one line per norm, and Table 1
+        return [["--study", "norms", *results, "--models-dir", paths["models_dir"],
+                 "--out", paths["plot"], *metric]]
+    return [["--study", study, *results, "--out", paths["plot"], *metric]]
 
 
 # ---------------------------------------------------------------------------
@@ -161,75 +233,22 @@ def _l2():
     return keras.regularizers.L2(WEIGHT_DECAY / 2)
 
 
-@keras.saving.register_keras_serializable(package="train")
-class WorkerBatchNormalization(keras.layers.BatchNormalization):
-    """BatchNorm as on `workers` workers that do not synchronize their statistics (the paper's
-    BN: each of its 8 GPUs normalizes its own N images).
-
-    Training: the batch is cut into `workers` equal consecutive slices, each normalized with
-    its own mean and variance; the moving mean and variance are updated (with `momentum`)
-    from the mean over the slices of the per-slice mean and (biased, as Keras' BN) variance,
-    i.e. the average of what the workers' own moving averages would be. The update is linear
-    in the statistics, so on K devices, each holding W / K slices, the cross-replica mean of
-    the K updates is the same update. Inference: BatchNormalization, moving statistics.
-    """
-
-    def __init__(self, workers, **kwargs):
-        if kwargs.get("axis", -1) != -1:
-            raise ValueError(f"WorkerBatchNormalization normalizes the last axis (channels last), "
-                             f"got axis={kwargs['axis']!r}")
-        super().__init__(**kwargs)
-        check_workers(workers)
-        self.workers = workers
-
-    def add_weight(self, *args, **kwargs):
-        # Keras' BN leaves aggregation "none": under MirroredStrategy the moving statistics
-        # would then keep one replica's update and drop the others' slices; "mean" averages them.
-        if not kwargs.get("trainable", True):
-            kwargs["aggregation"] = "mean"
-        return super().add_weight(*args, **kwargs)
-
-    def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable) or self.workers == 1:
-            return super().call(inputs, training=training, mask=mask)
-        if mask is not None:
-            raise ValueError(f"{self.name}: masks are not supported with several workers")
-        batch = inputs.shape[0]
-        if batch is not None and batch % self.workers:
-            raise ValueError(f"{self.name}: a training batch of {batch} images cannot be cut "
-                             f"into {self.workers} equal worker slices")
-        ops = keras.ops
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))   # as Keras' BN
-        slices = ops.reshape(x, (self.workers, -1, *x.shape[1:]))   # (W, N, H, W, C)
-        axes = list(range(1, len(slices.shape) - 1))
-        mean, variance = ops.moments(slices, axes=axes, keepdims=True)
-        # ops.batch_normalization's own formula, written out: on JAX and PyTorch it reshapes
-        # the statistics to the channel axis, and these are (W, 1, 1, 1, C).
-        inv = ops.rsqrt(variance + self.epsilon)
-        if self.scale:
-            inv = inv * ops.cast(self.gamma, x.dtype)
-        shift = -mean * inv
-        if self.center:
-            shift = shift + ops.cast(self.beta, x.dtype)
-        y = slices * inv + shift
-        for moving, stat in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            stat = ops.mean(ops.reshape(stat, (self.workers, -1)), axis=0)
-            moving.assign(moving * self.momentum + stat * (1.0 - self.momentum))
-        return ops.cast(ops.reshape(y, ops.shape(x)), self.compute_dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "workers": self.workers}
-
-
-def _norm(norm, groups, slices, zero_gamma, name):
-    """slices: BN's worker slices per device; None for Keras' own BN (W = 1, one device),
-    so that such models need nothing of this file to load."""
+def _norm(norm, groups, channels_per_group, slices, zero_gamma, name, channels):
+    """The normalization layer `name` for `channels` channels. slices: BN's worker slices per
+    device; None for Keras' own BN (W = 1, one device), so such models need no layer.py to
+    load. LN and IN are GroupNormalization with one group and with one channel per group."""
     gamma = "zeros" if zero_gamma else "ones"
     if norm == "bn":
         kind, extra = ((keras.layers.BatchNormalization, {}) if slices is None
-                       else (WorkerBatchNormalization, dict(workers=slices)))
+                       else (layer.WorkerBatchNormalization, dict(workers=slices)))
         return kind(momentum=BN_MOMENTUM, epsilon=EPSILON, gamma_initializer=gamma,
                     gamma_regularizer=_l2(), beta_regularizer=_l2(), name=name, **extra)
+    if norm == "ln":
+        groups = 1
+    elif norm == "in":
+        groups = -1   # one group per channel
+    elif channels_per_group:
+        groups = channels // channels_per_group
     return layer.GroupNormalization(
         groups=groups, epsilon=EPSILON, gamma_initializer=gamma,
         gamma_regularizer=_l2(), beta_regularizer=_l2(), name=name)
@@ -250,19 +269,20 @@ def _he():
 def _block(x, filters, strides, norm_layer, name):
     """Basic block: conv-norm-ReLU-conv-norm, add the shortcut, ReLU."""
     y = _conv(filters, 3, strides, f"{name}_conv1")(x)
-    y = norm_layer(False, f"{name}_norm1")(y)
+    y = norm_layer(False, f"{name}_norm1", filters)(y)
     y = keras.layers.ReLU(name=f"{name}_relu1")(y)
     y = _conv(filters, 3, 1, f"{name}_conv2")(y)
-    y = norm_layer(True, f"{name}_norm2")(y)   # gamma = 0: the block starts as identity
+    y = norm_layer(True, f"{name}_norm2", filters)(y)   # gamma = 0: the block starts as identity
     if strides != 1 or x.shape[-1] != filters:
         x = _conv(filters, 1, strides, f"{name}_proj")(x)   # 1x1 projection where the shape changes
-        x = norm_layer(False, f"{name}_proj_norm")(x)
+        x = norm_layer(False, f"{name}_proj_norm", filters)(x)
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([x, y]))
 
 
-def check_groups(groups):
+def check_groups(groups, what="groups"):
+    """groups (or channels_per_group, named by `what`) should divide 16, 32 and 64."""
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or 16 % groups:
-        raise ValueError(f"groups should divide every stage's width (16, 32, 64), "
+        raise ValueError(f"{what} should divide every stage's width (16, 32, 64), "
                          f"i.e. be 1, 2, 4, 8 or 16; got {groups!r}")
 
 
@@ -280,8 +300,12 @@ def check_workers(workers, devices=1):
 
 
 def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape=(32, 32, 3),
-                 workers=1, devices=1):
+                 workers=1, devices=1, channels_per_group=None):
     """ResNet-(6n+2) for CIFAR: 3 stages of n basic blocks with 16, 32, 64 filters.
+
+    norm: "bn", "gn" (`groups` groups in every layer, or, if channels_per_group is given,
+    that many channels per group, so G grows with the width), "ln" (GN with one group: all
+    of (H, W, C)) or "in" (GN with one channel per group).
 
     workers: W; in training, BN normalizes each of W equal slices of the step's batch on its
     own (WorkerBatchNormalization). devices: K, when the model is to be trained under a
@@ -292,14 +316,16 @@ def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape
         raise ValueError(f"depth should be 6n+2 (20, 32, 44, ...), got {depth!r}")
     if norm not in NORMS:
         raise ValueError(f"norm should be one of {NORMS}, got {norm!r}")
-    if norm == "gn":
+    if norm == "gn" and channels_per_group is not None:
+        check_groups(channels_per_group, "channels_per_group")
+    elif norm == "gn":
         check_groups(groups)
     check_workers(workers, devices)
     slices = backends.slices_per_replica(workers, devices) if workers > 1 else None
-    norm_layer = functools.partial(_norm, norm, groups, slices)
+    norm_layer = functools.partial(_norm, norm, groups, channels_per_group, slices)
     inputs = keras.Input(input_shape, name="image")
     x = _conv(16, 3, 1, "stem_conv")(inputs)
-    x = keras.layers.ReLU(name="stem_relu")(norm_layer(False, "stem_norm")(x))
+    x = keras.layers.ReLU(name="stem_relu")(norm_layer(False, "stem_norm", 16)(x))
     for stage, filters in enumerate((16, 32, 64)):
         for block in range((depth - 2) // 6):
             strides = 2 if stage > 0 and block == 0 else 1
@@ -331,48 +357,12 @@ def dtype_policy(cfg):
 def build_model(cfg, devices=1):
     """cfg's ResNet-20, in cfg's precision, for `devices` devices (see build_resnet)."""
     with dtype_policy(cfg):
-        return build_resnet20(cfg.norm, cfg.groups, cfg.workers, devices=devices)
+        return build_resnet20(cfg.norm, cfg.groups, cfg.workers, devices=devices,
+                              channels_per_group=cfg.channels_per_group)
 
 
 # ---------------------------------------------------------------------------
-# Data and evaluation (reproduce.py evaluates with these same functions).
-
-@dataclass
-class Data:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    mean: np.ndarray        # per-pixel mean of the training images used (He et al.)
-    checksum: str           # sha256 of the whole data set as read, before any subset
-    source: str
-    official: bool          # 50,000 + 10,000 images, as the official release
-
-    @functools.cached_property
-    def padded(self):
-        """The training images normalized and zero-padded, float32 (n, 40, 40, 3): the
-        batches of every epoch are crops of it (cifar10.TrainBatches, backends.ScanLoop)."""
-        return cifar10.padded(self.x_train, self.mean)
-
-    @functools.cached_property
-    def test_inputs(self):
-        return cifar10.test_inputs(self.x_test, self.mean)
-
-
-def prepare_data(data_dir=None, train_images=None, test_images=None):
-    root = cifar10.locate(data_dir)
-    with warnings.catch_warnings():   # a subset is fine here: the run record says so
-        warnings.simplefilter("ignore", cifar10.SubsetWarning)
-        x_train, y_train, x_test, y_test = cifar10.load(root)
-    official = (len(y_train), len(y_test)) == (50000, 10000)
-    checksum = cifar10.checksum(x_train, y_train, x_test, y_test)
-    if train_images:
-        x_train, y_train = cifar10.balanced_subset(x_train, y_train, train_images)
-    if test_images:
-        x_test, y_test = cifar10.balanced_subset(x_test, y_test, test_images)
-    return Data(x_train, y_train, x_test, y_test, cifar10.pixel_mean(x_train), checksum,
-                str(root), official)
-
+# Evaluation (reproduce.py evaluates with this same function, on cifar10.prepare_data's data).
 
 def evaluate(model, data):
     """(test loss, test error in %) on data's test images, inference mode, deterministic."""
@@ -421,72 +411,6 @@ def single_device_copy(model, cfg, steps_per_epoch):
     for target, source in zip(copy.optimizer.variables, model.optimizer.variables):
         target.assign(np.asarray(source))
     return copy
-
-
-# ---------------------------------------------------------------------------
-# Files: every one written to a temporary name in the same folder, then renamed.
-
-class Paths:
-    def __init__(self, models_dir, logs_dir, name):
-        self.models, self.name = Path(models_dir), name
-        self.model = self.models / f"{name}.keras"
-        self.record = self.models / f"{name}.json"
-        self.checkpoint = self.models / "checkpoints" / f"{name}.npz"
-        self.logs = Path(logs_dir) / name
-
-
-def _atomic(path, write):
-    """Call write(tmp_path), then rename tmp_path onto path (same folder, so atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path, obj):
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-def save_checkpoint(paths, model, state):
-    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
-    arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
-    arrays["state"] = np.array(json.dumps(state))
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    _atomic(paths.checkpoint, write)
-
-
-def load_checkpoint(paths, model, cfg):
-    """Restore weights and optimizer state; return the saved state, or None without one."""
-    if not paths.checkpoint.exists():
-        return None
-    with np.load(paths.checkpoint) as z:
-        state = json.loads(str(z["state"]))
-        if state["config"] != asdict(cfg):
-            raise SystemExit(f"error: {paths.checkpoint} belongs to another configuration "
-                             f"({state['config']}); rerun with --force to start afresh")
-        model.set_weights([z[f"w{i}"] for i in range(len(model.weights))])
-        for i, v in enumerate(model.optimizer.variables):
-            v.assign(z[f"o{i}"])
-    return state
-
-
-def finished_record(paths, cfg):
-    """The run record if this run already finished with this configuration, else None."""
-    if not (paths.model.exists() and paths.record.exists()):
-        return None
-    record = json.loads(paths.record.read_text())
-    if record.get("config", {}).get("run") != asdict(cfg):
-        raise SystemExit(f"error: {paths.record} was trained with another configuration "
-                         f"({record.get('config', {}).get('run')}); use --force to retrain it, "
-                         f"or another --models-dir")
-    return record
 
 
 # ---------------------------------------------------------------------------
@@ -615,29 +539,6 @@ def median_last5(history):
     return float(statistics.median(e["test_error"] for e in history[-5:]))
 
 
-def git_commit():
-    """HEAD (with -dirty for local changes), or $TRAIN_GIT_COMMIT where the caller says it: on
-    a machine that got a copy of the tree (gpu.sh), whose own .git, if any, may name another
-    commit with the copied files as local changes."""
-    if os.environ.get("TRAIN_GIT_COMMIT"):
-        return os.environ["TRAIN_GIT_COMMIT"]
-    repo = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def provenance():
-    return {"git_commit": git_commit(), "versions": backends.versions(), "host": platform.node(),
-            "cpus": os.cpu_count(), "gpus": backends.gpus(),
-            "intra_op_threads": backends.intra_op_threads()}
-
-
 def finish(paths, model, data, cfg, state, devices, loop):
     test_loss, test_error = evaluate(model, data)
     record = {
@@ -645,7 +546,8 @@ def finish(paths, model, data, cfg, state, devices, loop):
         "config": {"run": asdict(cfg), "lr": cfg.lr, "lr_drops": cfg.lr_drops,
                    "lr_drop_factor": LR_DROP_FACTOR, "momentum": MOMENTUM,
                    "weight_decay": WEIGHT_DECAY, "bn_momentum": BN_MOMENTUM, "epsilon": EPSILON,
-                   "norm": cfg.norm, "groups": cfg.groups, "batch_size": cfg.batch_size,
+                   "norm": cfg.norm, "groups": cfg.groups,
+                   "channels_per_group": cfg.channels_per_group, "batch_size": cfg.batch_size,
                    "workers": cfg.workers, "seed": cfg.seed, "epochs": cfg.epochs,
                    "profile": cfg.profile, "train_images": len(data.y_train),
                    "test_images": len(data.y_test)},
@@ -662,13 +564,13 @@ def finish(paths, model, data, cfg, state, devices, loop):
         "loop": loop,         # fit, or scan (backends.ScanLoop): the last session's
         "jit_compile_used": bool(model.jit_compile),   # what Keras did with --jit-compile
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **provenance(),
+        **runfiles.provenance(),
     }
     if len(devices) > 1 and backends.name() == "tensorflow":
         steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
         model = single_device_copy(model, cfg, steps)
-    _atomic(paths.model, lambda tmp: model.save(tmp))
-    write_json(paths.record, record)
+    runfiles.atomic_write(paths.model, lambda tmp: model.save(tmp))
+    runfiles.write_json(paths.record, record)
     paths.checkpoint.unlink(missing_ok=True)
     print(f"{cfg.name}: test error {test_error:.2f}% (median of the final 5 epochs "
           f"{record['median_last5_error']:.2f}%), saved {paths.model} and {paths.record}", flush=True)
@@ -684,8 +586,8 @@ def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False,
     (scan on JAX with a GPU, fit elsewhere).
     """
     loop = resolve_loop(loop)
-    paths = Paths(models_dir, logs_dir, cfg.name)
-    if not force and finished_record(paths, cfg):
+    paths = runfiles.Paths(models_dir, logs_dir, cfg.name)
+    if not force and runfiles.finished_record(paths, asdict(cfg), asdict(Config())):
         print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
         return 0
     progress = sys.stdout.isatty() if progress is None else progress
@@ -716,7 +618,7 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
         print(f"note: --loop scan is single-device; on {len(names)} devices the run uses fit",
               flush=True)
         loop = "fit"
-    data = prepare_data(data_dir, cfg.train_images, cfg.test_images)
+    data = cifar10.prepare_data(data_dir, cfg.train_images, cfg.test_images)
     steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
     if steps < 1:
         raise SystemExit(f"error: {len(data.y_train)} training images make no step of W * N = "
@@ -734,7 +636,7 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
         compile_model(model, cfg, steps, devices=len(names))
     if force:
         paths.checkpoint.unlink(missing_ok=True)
-    state = load_checkpoint(paths, model, cfg)
+    state = runfiles.load_checkpoint(paths, model, asdict(cfg), asdict(Config()))
     if state:
         state["resumed"] += 1
         print(f"{cfg.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']} "
@@ -750,7 +652,7 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
         if done:
             end_epoch(model, data, cfg, state, writer)
         state["wall_seconds"] += time.perf_counter() - start
-        save_checkpoint(paths, model, state)
+        runfiles.save_checkpoint(paths, model, state)
         if stop.requested:
             print(f"{cfg.name}: checkpointed at epoch {state['epoch'] + 1}, step {state['step']} "
                   f"({paths.checkpoint}); exiting with status {PREEMPTED}", flush=True)
@@ -762,16 +664,26 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
 # ---------------------------------------------------------------------------
 # Command line.
 
+def _ints(text):
+    """'0 3 5' or '0,3,5' -> [0, 3, 5] (argparse names the option if this raises)."""
+    return [int(t) for t in text.replace(",", " ").split()]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:12]))
+                                epilog="\n".join(__doc__.splitlines()[3:13]))
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
-    what.add_argument("--profile", choices=sorted(PROFILES),
-                      help="scale of the experiment; alone, runs its whole grid, then reproduce.py "
-                           "and plot.py (default profile: the paper's scale)")
+    what.add_argument("--profile", choices=list(PROFILES),
+                      help="a study at a scale (PROFILES); alone, runs its whole grid, then "
+                           "reproduce.py and plot.py (sweep.py) (default: Figure 1 at the paper's "
+                           "scale)")
+    what.add_argument("--tasks", type=_ints, help="(whole profile) only these grid entries, e.g. '0 3 5'")
+    what.add_argument("--seeds", type=_ints,
+                      help="the grid with these seeds instead of the profile's, e.g. '1 2 3' "
+                           "(give it to --grid and --task alike: it renumbers the grid)")
     run = p.add_argument_group("one run (override the profile's or the grid entry's settings)")
     run.add_argument("--norm", choices=NORMS)
     run.add_argument("--batch-size", type=int, help="images per worker, N")
@@ -781,15 +693,21 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int)
     run.add_argument("--epochs", type=int, help=f"training epochs (default {EPOCHS})")
     run.add_argument("--groups", type=int, help=f"GroupNorm groups (default {GROUPS})")
+    run.add_argument("--channels-per-group", type=int,
+                     help="GroupNorm with this many channels per group in every layer, instead "
+                          "of a fixed number of groups")
     run.add_argument("--train-images", type=int, help="class-balanced subset of K training images")
     run.add_argument("--test-images", type=int, help="class-balanced subset of the test images")
     io = p.add_argument_group("files")
     io.add_argument("--data-dir", help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz "
                                        "(default: $CIFAR10_DIR, else the Keras cache, downloading)")
-    io.add_argument("--models-dir", default="models")
-    io.add_argument("--logs-dir", default="logs")
-    io.add_argument("--results", default="results.csv", help="(whole profile) results file")
-    io.add_argument("--plot", default="plot.png", help="(whole profile) figure file")
+    io.add_argument("--models-dir", help="default: models/, or models/P/ for a profile P other "
+                                         "than the paper's Figure 1 (profile_paths)")
+    io.add_argument("--logs-dir", help="default: logs/, or logs/P/")
+    io.add_argument("--results", help="(whole profile) results file (default: results.csv, or "
+                                      "results-P.csv)")
+    io.add_argument("--plot", help="(whole profile) figure file (default: plot.png, or "
+                                   "plot-P.png; curves-P.png beside it)")
     io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
                                     "e.g. 'CIFAR-10 (JPEG copy)'")
     p.add_argument("--devices", type=int,
@@ -815,8 +733,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.threads < 0:
         p.error(f"--threads must be 0 (one per core) or a positive integer, got {args.threads}")
-    for name in ("batch_size", "workers", "devices", "epochs", "groups", "train_images",
-                 "test_images", "jobs"):
+    if args.seeds is not None and (not args.seeds or min(args.seeds) < 0
+                                   or len(set(args.seeds)) < len(args.seeds)):
+        p.error(f"--seeds should be distinct non-negative integers, got {args.seeds}")
+    if args.groups is not None and args.channels_per_group is not None:
+        p.error("give --groups or --channels-per-group, not both")
+    for name in ("batch_size", "workers", "devices", "epochs", "groups", "channels_per_group",
+                 "train_images", "test_images", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -826,7 +749,7 @@ def parse_args(argv=None):
 def resolve(p, args):
     """The Config that the arguments ask for: grid entry or profile defaults, then overrides."""
     profile = args.profile or "default"
-    entries = grid(profile)
+    entries = grid(profile, args.seeds)
     if args.task is not None:
         if not 0 <= args.task < len(entries):
             p.error(f"--task {args.task} is outside the {profile} grid (0-{len(entries) - 1}); "
@@ -835,129 +758,57 @@ def resolve(p, args):
     else:
         if args.norm is None or args.batch_size is None:
             p.error("give --norm and --batch-size (and --seed), or --task I, or --profile alone")
-        cfg = replace(entries[0], seed=PROFILES[profile]["seeds"][0])
+        cfg = entries[0]
     overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "workers", "seed", "epochs",
-                                               "groups", "train_images", "test_images")
+                                               "groups", "channels_per_group", "train_images",
+                                               "test_images")
                  if getattr(args, k) is not None}
+    if args.groups is not None:
+        overrides["channels_per_group"] = None   # G given: fixed groups, not a group size
     overrides |= {k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)}
     cfg = replace(cfg, **overrides)
-    try:
-        check_groups(cfg.groups)
-    except ValueError as e:
-        p.error(f"--groups: {e}")
+    for name in ("groups", "channels_per_group"):
+        try:
+            if getattr(cfg, name) is not None:
+                check_groups(getattr(cfg, name), name)
+        except ValueError as e:
+            p.error(f"--{name.replace('_', '-')}: {e}")
     if args.devices and cfg.workers % args.devices:
         p.error(f"--devices {args.devices} should divide the workers W = {cfg.workers} "
                 f"(each device holds W / K workers)")
     return cfg
 
 
-def print_grid(profile):
-    entries = grid(profile)
-    print(f"# {len(entries)} runs, profile {profile} "
-          f"({len(PROFILES[profile]['seeds'])} seeds x {len(NORMS)} norms x "
-          f"{len(BATCH_SIZES)} batch sizes, {PROFILES[profile]['workers']} workers)")
+def print_grid(profile, seeds=None):
+    """One line per entry: index, name, its arguments (train.sh and gpu.sh read the columns)."""
+    entries = grid(profile, seeds)
+    study, scale = PROFILES[profile]
+    print(f"# {len(entries)} runs, profile {profile}: study {study} "
+          f"({len(STUDIES[study])} runs) x {len(seeds or SCALES[scale]['seeds'])} seeds, "
+          f"scale {scale}")
     for i, c in enumerate(entries):
+        group = (f" --channels-per-group {c.channels_per_group}" if c.channels_per_group
+                 else f" --groups {c.groups}" if c.norm == "gn" and c.groups != GROUPS else "")
         print(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} --workers {c.workers} "
-              f"--seed {c.seed}")
-
-
-def _forwarded(args):
-    """The arguments that a grid entry's own process needs to run as this one would."""
-    out = ["--profile", args.profile]
-    for name in ("epochs", "groups", "workers", "train_images", "test_images", "data_dir",
-                 "models_dir", "logs_dir", "threads", "devices", "loop"):
-        if getattr(args, name, None) is not None:
-            out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision")
-                  if getattr(args, f, False)]
-
-
-def _default_jobs(args):
-    # One single-threaded run per core on a CPU; one at a time where a GPU is to be shared.
-    if backends.gpus() or not args.threads:
-        return 1
-    return max(1, (os.cpu_count() or 1) // args.threads)
-
-
-def _relay(proc):
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-
-
-def run_entries(args, stop):
-    """Train every grid entry of the profile, args.jobs processes at a time; an exit status."""
-    import threading
-    jobs = args.jobs or _default_jobs(args)
-    # Longest runs (smallest batches) first, so parallel processes finish together.
-    order = sorted(range(len(grid(args.profile))), key=lambda i: grid(args.profile)[i].batch_size)
-    print(f"profile {args.profile}: {len(order)} runs, {jobs} at a time", flush=True)
-    running, failed = [], []
-    while order or running:
-        while order and len(running) < jobs and not stop.requested:
-            task = order.pop(0)
-            proc = subprocess.Popen([sys.executable, "-u", __file__, "--task", str(task),
-                                     *_forwarded(args)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-            running.append((task, proc, threading.Thread(target=_relay, args=(proc,), daemon=True)))
-            running[-1][2].start()
-        if stop.requested:
-            order = []
-            for _, proc, _ in running:
-                proc.send_signal(signal.SIGUSR1)   # each checkpoints and exits with PREEMPTED
-        time.sleep(0.2)
-        for entry in [r for r in running if r[1].poll() is not None]:
-            running.remove(entry)
-            entry[2].join()
-            if entry[1].returncode:
-                failed.append((entry[0], entry[1].returncode))
-    if stop.requested:
-        return PREEMPTED
-    for task, code in failed:
-        print(f"profile {args.profile}: grid entry {task} failed (exit status {code})", flush=True)
-    return 1 if failed else 0
-
-
-def run_profile(args, stop):
-    """Every grid entry of the profile, then reproduce.py and plot.py (the main job)."""
-    start = time.perf_counter()
-    code = run_entries(args, stop)
-    if code:
-        return code
-    here = Path(__file__).resolve().parent
-    data = ["--data-dir", args.data_dir] if args.data_dir else []
-    label = ["--label", args.label] if args.label else []
-    # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
-    # epochs those 5 include its first ones, so a reduced profile plots the final error.
-    metric = [] if grid(args.profile)[0].epochs >= 20 else ["--metric", "test_error"]
-    plot = Path(args.plot)   # plot.png -> curves.png, plot-quick.png -> curves-quick.png
-    curves = str(plot.with_name(plot.name.replace("plot", "curves", 1) if "plot" in plot.name
-                                else f"{plot.stem}-curves.png"))
-    for cmd in ([here / "reproduce.py", "--models-dir", args.models_dir, "--out", args.results, *data],
-                [here / "plot.py", "--results", args.results, "--out", args.plot, *label, *metric],
-                [here / "plot.py", "--curves", "--models-dir", args.models_dir, "--out", curves, *label]):
-        code = subprocess.run([sys.executable, *map(str, cmd)]).returncode
-        if code:
-            return code
-    print(f"profile {args.profile}: done in {(time.perf_counter() - start) / 60:.1f} min: "
-          f"{args.results}, {args.plot}, {curves}", flush=True)
-    return 0
+              f"--seed {c.seed}{group}")
 
 
 def main(argv=None, stop=None):
     p, args = parse_args(argv)
     backends.set_threads(args.threads)
     if args.grid:
-        print_grid(args.profile or "default")
+        print_grid(args.profile or "default", args.seeds)
         return 0
-    singles = ("task", "norm", "batch_size", "seed")
+    singles = ("task", "norm", "batch_size", "seed", "groups", "channels_per_group")
     if args.profile and all(getattr(args, k) is None for k in singles):
-        if stop is None:
-            with StopOnSignal() as stop:
-                return run_profile(args, stop)
-        return run_profile(args, stop)
+        import sweep   # the whole grid: the one local runner
+        return sweep.main(argv)
+    if args.tasks is not None:
+        p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
     cfg = resolve(p, args)
-    return train(cfg, args.data_dir, args.models_dir, args.logs_dir, args.force, stop=stop,
-                 devices=args.devices, loop=args.loop)
+    paths = profile_paths(cfg.profile, args)
+    return train(cfg, args.data_dir, paths["models_dir"], paths["logs_dir"], args.force,
+                 stop=stop, devices=args.devices, loop=args.loop)
 
 
 if __name__ == "__main__":

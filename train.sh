@@ -2,13 +2,15 @@
 # The sweep of train.py as a SLURM array job: array task I runs grid entry I, resumably.
 #
 #   sbatch train.sh                           # every entry of the grid (python train.py --grid)
-#   sbatch train.sh --profile quick           # arguments after the script reach train.py
+#   sbatch train.sh --profile norms           # arguments after the script reach train.py
 #   sbatch --array=0-3 train.sh --epochs 1    # some entries only
-#   bash train.sh [args]                      # no SLURM: every entry in turn, on this machine
+#   bash train.sh [args]                      # no SLURM: the grid on this machine, then
+#                                             #   reproduce.py and plot.py (python sweep.py)
 #   TASKS="0 3 5" bash train.sh [args]        # no SLURM: these entries
 #
 # Submit from the repository (the log path below is relative to it). Writes what train.py
-# writes (models/NAME.keras, models/NAME.json, logs/NAME/) and logs/slurm-JOB_TASK.out.
+# writes (models/NAME.keras, models/NAME.json, logs/NAME/; models/P/ and logs/P/ for a
+# profile P other than the default) and logs/slurm-JOB_TASK.out.
 #
 # Preemption and time limits: SLURM sends SIGUSR1 to this script 5 minutes before the time
 # limit (--signal below); it passes the signal to train.py, which checkpoints at the end of
@@ -18,7 +20,9 @@
 # jobs itself (--requeue), and a cancelled task resumes when it is submitted again. A task
 # whose model is finished exits at once, so resubmitting the whole array is always safe.
 #
-# The array covers the default grid (python train.py --grid; a test checks the two agree).
+# The array below covers the largest grid of train.py's profiles (a test checks it): a task
+# beyond a smaller grid (--profile quick: 10 entries) exits at once, doing nothing. To skip
+# those idle tasks, submit the grid's own range: sbatch --array=0-9 train.sh --profile quick.
 #SBATCH --job-name=gn-sweep
 #SBATCH --array=0-29
 #SBATCH --gres=gpu:1
@@ -138,20 +142,6 @@ if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
     exit "$status"
 fi
 
-# No SLURM: the entries one after the other, with the same semantics.
-TASKS=${TASKS:-$(grid_indices "$@")} || exit
-failed=()
-for task in $TASKS; do
-    echo "train.sh: grid entry $task ($(date '+%F %T'))"
-    run_task "$task" "$@"
-    status=$?
-    if ((status == PREEMPTED)) || [[ -n $caught ]]; then
-        echo "train.sh: stopped at entry $task by SIG${caught:-?}; run the same command again to resume"
-        exit "$status"
-    fi
-    ((status == 0)) || failed+=("$task")
-done
-if ((${#failed[@]})); then
-    echo "train.sh: entries that failed: ${failed[*]} (see their output above)" >&2
-    exit 1
-fi
+# No SLURM: sweep.py, the one local runner of a grid (several entries at a time, a signal
+# checkpoints them all, the same command resumes; then reproduce.py and plot.py).
+exec "$PYTHON" sweep.py ${TASKS:+--tasks "$TASKS"} "$@"

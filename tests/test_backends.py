@@ -284,7 +284,7 @@ SCAN_IMAGES = 40   # 10 steps of 4 images, in compiled calls of 3 (the last one 
 def scan_setup(cifar_dir, norm, batch_size, workers, train_images=SCAN_IMAGES, seed=1):
     cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, seed=seed, epochs=1,
                        train_images=train_images)
-    data = train.prepare_data(cifar_dir, train_images)
+    data = cifar10.prepare_data(cifar_dir, train_images)
     return cfg, data, cifar10.steps_per_epoch(len(data.y_train), batch_size * workers)
 
 
@@ -469,7 +469,7 @@ def test_jax_trained_model_evaluates_the_same_under_tensorflow(jax_runs, cifar_d
     assert rec["versions"]["backend"] == "jax" and "tensorflow" not in rec["versions"]
     model = keras.models.load_model(path, safe_mode=True)
     run = rec["config"]["run"]
-    loss, error = train.evaluate(model, train.prepare_data(cifar_dir, run["train_images"],
+    loss, error = train.evaluate(model, cifar10.prepare_data(cifar_dir, run["train_images"],
                                                            run["test_images"]))
     assert error == rec["test_error"] and loss == pytest.approx(rec["test_loss"], abs=1e-5)
 
@@ -502,7 +502,7 @@ def tensorflow_first_step(cifar_dir, tmp_path_factory):
     """TensorFlow's initial weights and first batch, saved; its first step's logs and weights."""
     import dataclasses
     folder = tmp_path_factory.mktemp("first_step")
-    data = train.prepare_data(cifar_dir, train_images=40)
+    data = cifar10.prepare_data(cifar_dir, train_images=40)
     out = {}
     for norm, kwargs in FIRST_STEP.items():
         cfg = train.Config(seed=1, **kwargs)

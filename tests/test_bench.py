@@ -19,7 +19,7 @@ import train  # noqa: E402
 
 
 @pytest.mark.parametrize("norm, ours, theirs", [
-    ("bn", train.WorkerBatchNormalization, keras.layers.BatchNormalization),
+    ("bn", layer.WorkerBatchNormalization, keras.layers.BatchNormalization),
     ("gn", layer.GroupNormalization, keras.layers.GroupNormalization)])
 def test_baseline_is_the_same_resnet_with_keras_norm_layers(norm, ours, theirs):
     model = train.build_resnet20(norm, train.GROUPS, workers=2)

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import REPO, backends_python, write_cifar_fixture
 
-FILES = ["gpu.sh", "train.py", "backends.py", "cifar10.py", "layer.py", "bench.py",
-         "reproduce.py", "plot.py"]
+FILES = ["gpu.sh", "train.py", "backends.py", "cifar10.py", "layer.py", "runfiles.py", "bench.py",
+         "reproduce.py", "plot.py", "sweep.py"]
 
 
 

@@ -244,3 +244,116 @@ def test_bad_run_records_are_named(tmp_path, capsys, setup, message):
                       "--out", str(tmp_path / "c.png")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("plot.py: error: ") and message in err
+
+
+# ------------------------------------------------------------------ the other studies
+
+def study_row(norm, seed, error, groups=8, channels_per_group="", batch_size=32, workers=1):
+    return dict(norm=norm, groups=groups, channels_per_group=channels_per_group,
+                batch_size=batch_size, workers=workers, seed=seed, epochs=3,
+                test_error=error, test_loss=1.0, median_last5_error=error + 1, params=272474,
+                model=f"m/{norm}.keras", **PROVENANCE)
+
+
+@pytest.fixture
+def norms_study(tmp_path):
+    """Two seeds of the four norms: results.csv (from reproduce.py: ln's G 1, in's blank) and
+    run records whose training and test errors differ per norm."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    errors = {"bn": 30.0, "gn": 31.0, "ln": 33.0, "in": 36.0}
+    rows = []
+    for norm, err in errors.items():
+        for seed in (1, 2):
+            groups, cpg = {"ln": (1, ""), "in": ("", 1)}.get(norm, (8, ""))
+            rows.append(study_row(norm, seed, err + seed, groups, cpg))
+            write_record(folder, norm, 32, seed, [err + 20, err + 10, err + seed])
+    path = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path, folder
+
+
+def test_norms_table_is_table_1_with_the_differences_to_bn(norms_study):
+    table = plot.norms_table(plot.read_results(norms_study[0], "test_error"), "test_error")
+    assert table[["norm", "seeds", "error", "difference", "paper (ImageNet)"]].values.tolist() == [
+        ["BN", 2, "31.50 (31.00-32.00)", "+0.00", 23.6],
+        ["LN", 2, "34.50 (34.00-35.00)", "+3.00", 25.3],
+        ["IN", 2, "37.50 (37.00-38.00)", "+6.00", 28.4],
+        ["GN", 2, "32.50 (32.00-33.00)", "+1.00", 24.1]]
+
+
+def test_cli_norms_draws_figure_4_and_prints_table_1(norms_study, tmp_path, capsys):
+    out = tmp_path / "plot-norms.png"
+    assert plot.main(["--study", "norms", "--results", str(norms_study[0]), "--models-dir",
+                      str(norms_study[1]), "--out", str(out), "--metric", "test_error"]) == 0
+    assert png_size(out) == (2250, 660)
+    printed = capsys.readouterr().out
+    assert "| IN | 2 | 37.50 (37.00-38.00) | +6.00 | 28.4 |" in printed
+
+
+def test_norms_curves_are_the_mean_over_seeds(norms_study, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot, "save_atomic", lambda fig, out: drawn.update(
+        {(ax.get_title(), line.get_label()): line.get_ydata().tolist()
+         for ax in fig.axes for line in ax.get_lines()}))
+    df = plot.read_results(norms_study[0])
+    plot.plot_norms(df, plot.read_records(norms_study[1]), "x.png")
+    assert drawn[("test error per epoch", "IN (2 seeds)")] == [56.0, 46.0, 37.5]
+    assert drawn[("training error per epoch", "BN (2 seeds)")] == [55.0, 45.0, 36.5]
+
+
+@pytest.fixture
+def groups_csv(tmp_path):
+    rows = [study_row("gn", 1, 40 + g, groups=g) for g in (1, 2, 4, 8, 16)]
+    rows += [study_row("gn", 1, 50 - c, groups="", channels_per_group=c) for c in (1, 2, 4, 8, 16)]
+    path = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_groups_tables_are_table_3s_halves(groups_csv):
+    tables = plot.groups_tables(plot.read_results(groups_csv, "test_error"), "test_error")
+    by_g, by_c = tables["groups G"], tables["channels per group"]
+    assert by_g["groups G"].tolist() == [16, 8, 4, 2, 1]
+    assert by_g["error"].tolist() == ["56.00", "48.00", "44.00", "42.00", "41.00"]
+    assert by_g["difference"].tolist() == ["+15.00", "+7.00", "+3.00", "+1.00", "+0.00"]
+    assert by_g["paper (ImageNet)"].tolist() == [24.6, 24.4, 24.6, 24.7, 25.3]
+    assert by_c["channels per group"].tolist() == [16, 8, 4, 2, 1]
+    assert by_c["error"].tolist() == ["34.00", "42.00", "46.00", "48.00", "49.00"]
+    assert by_c["paper (ImageNet)"].tolist() == [24.2, 24.3, 24.8, 25.6, 28.4]
+
+
+def test_ln_and_in_count_as_one_group_and_one_channel_per_group(tmp_path):
+    rows = [study_row("ln", 1, 40, groups=1), study_row("in", 1, 45, groups="", channels_per_group=1),
+            study_row("gn", 1, 42, groups=8)]
+    path = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    tables = plot.groups_tables(plot.read_results(path), "median_last5_error")
+    assert tables["groups G"][["groups G", "error"]].values.tolist() == [[8, "43.00"], [1, "41.00"]]
+    assert tables["channels per group"][["channels per group", "error"]].values.tolist() == \
+        [[1, "46.00"]]
+
+
+def test_cli_groups_writes_the_figure_and_prints_both_tables(groups_csv, tmp_path, capsys):
+    out = tmp_path / "plot-groups.png"
+    assert plot.main(["--study", "groups", "--results", str(groups_csv), "--out", str(out)]) == 0
+    assert png_size(out) == (1650, 1125)
+    printed = capsys.readouterr().out
+    assert "| groups G | seeds | error | difference | paper (ImageNet) |" in printed
+    assert "| 1 | 1 | 50.00 | +15.00 | 28.4 |" in printed   # C / G = 1 (IN): 49 + 1 vs 34 + 1
+
+
+def test_workers_study_draws_a_line_per_w(tmp_path, monkeypatch):
+    rows = [study_row("bn", 1, 30 + w + 32 / n, batch_size=n, workers=w)
+            for w in (1, 8) for n in (32, 16, 8, 4, 2)]
+    path = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    drawn = {}
+    monkeypatch.setattr(plot, "save_atomic", lambda fig, out: drawn.update(
+        {line.get_label(): (line.get_ydata().tolist(), line.get_linestyle())
+         for line in fig.axes[0].get_lines()}))
+    plot.plot_workers(plot.read_results(path, "test_error"), "x.png", "test_error")
+    assert drawn["BN, 1 worker"] == ([32.0, 33.0, 35.0, 39.0, 47.0], "-")
+    assert drawn["BN, 8 workers"] == ([39.0, 40.0, 42.0, 46.0, 54.0], "--")
+    assert plot.main(["--study", "workers", "--results", str(path), "--out",
+                      str(tmp_path / "w.png")]) == 0

@@ -55,9 +55,10 @@ def test_results_csv_rows_and_columns(reproduced, trained):
     assert code == 0 and f"wrote {out}: 2 model(s)" in stdout
     df = pd.read_csv(out)
     assert list(df.columns) == reproduce.COLUMNS + reproduce.PROVENANCE
-    assert df.columns[:11].tolist() == ["norm", "groups", "batch_size", "workers", "seed",
-                                        "epochs", "test_error", "test_loss",
+    assert df.columns[:12].tolist() == ["norm", "groups", "channels_per_group", "batch_size",
+                                        "workers", "seed", "epochs", "test_error", "test_loss",
                                         "median_last5_error", "params", "model"]
+    assert df.channels_per_group.isna().all()   # blank: G is fixed
     assert df.norm.tolist() == ["bn", "gn"]
     assert df[["groups", "batch_size", "workers", "seed", "epochs"]].values.tolist() == \
         [[8, 8, 1, 1, 2]] * 2
@@ -161,7 +162,7 @@ def test_rows_sorted_by_norm_batch_size_descending_seed():
 
 def test_data_prepared_once_per_training_subset(monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "prepare_data",
+    monkeypatch.setattr(reproduce.cifar10, "prepare_data",
                         lambda d, train_images, test_images: calls.append(train_images) or d)
     cache = reproduce.DataCache("dir")
     for n in (200, 200, None, 200, None):
@@ -271,3 +272,24 @@ def test_existing_results_are_replaced_whole(reproduced, trained, cifar_dir, tmp
     assert pd.read_csv(out).drop(columns="model").equals(
         pd.read_csv(reproduced[3]).drop(columns="model").iloc[:1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "results.csv"]
+
+
+@pytest.mark.parametrize("config, expected", [
+    (dict(norm="bn", groups=8), (8, None)),
+    (dict(norm="gn", groups=4, channels_per_group=None), (4, None)),
+    (dict(norm="gn", groups=8), (8, None)),   # a record from before channels_per_group
+    (dict(norm="gn", groups=8, channels_per_group=2), (None, 2)),
+    (dict(norm="ln", groups=8), (1, None)),
+    (dict(norm="in", groups=8), (None, 1)),
+])
+def test_groups_and_channels_per_group_are_what_the_run_used(config, expected):
+    got = reproduce.groups_of(config)
+    assert (got["groups"], got["channels_per_group"]) == expected
+
+
+def test_blank_group_columns_stay_blank_and_sort():
+    rows = [dict(norm=n, groups=g, channels_per_group=c, batch_size=32, workers=1, seed=1)
+            for n, g, c in (("in", None, 1), ("gn", None, 2), ("gn", 4, None), ("ln", 1, None))]
+    df = reproduce.results_table(rows)
+    csv = df[["norm", "groups", "channels_per_group"]].to_csv(index=False).splitlines()
+    assert csv == ["norm,groups,channels_per_group", "gn,4,", "gn,,2", "in,,1", "ln,1,"]

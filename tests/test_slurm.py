@@ -1,4 +1,5 @@
-"""train.sh: its #SBATCH header against train.py's grid, shellcheck, the run without SLURM,
+"""train.sh: its #SBATCH header against train.py's grids, shellcheck, the run without SLURM
+(handed to sweep.py),
 and the array job on a real one-node SLURM cluster that this module starts and stops
 (tests/slurm/cluster.py): four tasks complete; a task signalled mid-training checkpoints,
 requeues itself, resumes and ends with the weights of an uninterrupted run.
@@ -45,7 +46,8 @@ def run_env(**extra):
 
 def tiny_args(cifar_dir, root):
     return [*map(str, TINY), "--data-dir", str(cifar_dir),
-            "--models-dir", str(root / "models"), "--logs-dir", str(root / "logs")]
+            "--models-dir", str(root / "models"), "--logs-dir", str(root / "logs"),
+            "--results", str(root / "results.csv"), "--plot", str(root / "plot.png")]
 
 
 @functools.cache
@@ -68,7 +70,7 @@ def history(root, name):
 
 def assert_same_weights(a, b):
     import keras
-    import train  # noqa: F401  (registers the custom layers)
+    import layer  # noqa: F401  (registers the custom layers)
     wa, wb = (keras.models.load_model(p).get_weights() for p in (a, b))
     assert len(wa) == len(wb)
     for x, y in zip(wa, wb):
@@ -86,9 +88,12 @@ def sbatch_options():
     return options
 
 
-def test_array_covers_the_grid_of_train_py():
+def test_array_covers_the_largest_grid_of_train_py():
+    import train
     first, last = map(int, sbatch_options()["--array"].split("-"))
-    assert list(range(first, last + 1)) == sorted(grid_names())
+    sizes = {p: len(grid_names("--profile", p)) for p in train.PROFILES}
+    assert (first, last + 1) == (0, max(sizes.values())), sizes
+    assert sorted(grid_names()) == list(range(sizes["default"]))
 
 
 def test_header_requests_a_gpu_requeue_and_a_warning_signal():
@@ -114,33 +119,28 @@ def test_shellcheck_is_clean():
 
 @pytest.fixture
 def fake_python(tmp_path):
-    """A python that answers --grid truly and only reports the --task runs it is given."""
+    """A python that answers --grid truly and only reports the other commands it is given."""
     fake = tmp_path / "python"
     fake.write_text(f"""#!/bin/bash
 if [[ $2 == --grid ]]; then exec {sys.executable} "$@"; fi
 echo "ran $*"
-[[ $3 == "${{FAIL:-}}" ]] && exit 3
 exit 0
 """)
     fake.chmod(0o755)
     return fake
 
 
-def test_without_slurm_runs_every_entry_in_turn(fake_python):
+def test_without_slurm_the_grid_goes_to_sweep_py(fake_python):
     result = subprocess.run(["bash", str(TRAIN_SH), "--profile", "quick", "--epochs", "1"],
                             env=run_env(PYTHON=fake_python), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    ran = [line for line in result.stdout.splitlines() if line.startswith("ran ")]
-    assert ran == [f"ran train.py --task {i} --profile quick --epochs 1"
-                   for i in sorted(grid_names("--profile", "quick"))]
+    assert result.stdout.splitlines() == ["ran sweep.py --profile quick --epochs 1"]
 
 
-def test_without_slurm_tasks_selects_entries_and_a_failure_does_not_stop_the_rest(fake_python):
+def test_without_slurm_tasks_reach_sweep_py(fake_python):
     result = subprocess.run(["bash", str(TRAIN_SH), "--epochs", "1"], capture_output=True,
-                            text=True, env=run_env(PYTHON=fake_python, TASKS="3 5 7", FAIL="5"))
-    ran = [line.split()[3] for line in result.stdout.splitlines() if line.startswith("ran ")]
-    assert ran == ["3", "5", "7"]
-    assert result.returncode == 1 and "entries that failed: 5" in result.stderr
+                            text=True, env=run_env(PYTHON=fake_python, TASKS="3 5 7"))
+    assert result.stdout.splitlines() == ["ran sweep.py --tasks 3 5 7 --epochs 1"]
 
 
 def test_array_task_outside_a_smaller_grid_does_nothing(fake_python):
@@ -170,7 +170,7 @@ def test_without_slurm_ctrl_c_checkpoints_and_the_same_command_resumes(cifar_dir
     output.append(proc.stdout.read())
     first = "".join(output)
     assert proc.wait(timeout=120) == 75, first[-3000:]
-    assert "stopped at entry 3 by SIGINT" in first
+    assert "profile quick: stopped by SIGINT; run the same command again to resume" in first
     assert (tmp_path / "models" / "checkpoints" / f"{name}.npz").exists()
 
     again = subprocess.run(command, env=run_env(TASKS="3"), capture_output=True, text=True)
@@ -181,6 +181,7 @@ def test_without_slurm_ctrl_c_checkpoints_and_the_same_command_resumes(cifar_dir
     epochs, record = history(tmp_path, name)
     assert epochs == list(range(1, EPOCHS + 1)) and record["resumed"] == 1
 
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "plot.png").exists()
     third = subprocess.run(command, env=run_env(TASKS="3"), capture_output=True, text=True)
     assert third.returncode == 0 and f"{name}: already finished" in third.stdout
 
@@ -286,6 +287,27 @@ def test_signalled_task_checkpoints_requeues_itself_and_resumes(slurm, array_run
     assert epochs == list(range(1, EPOCHS + 1)) and record["resumed"] == 1
     assert_same_weights(array_run[0] / "models" / f"{name}.keras",
                         tmp_path / "models" / f"{name}.keras")
+
+
+def test_array_of_another_profiles_grid(slurm, cifar_dir, tmp_path):
+    """sbatch train.sh --profile norms-quick: its tasks 2 and 3 (LN, IN) train; 4 and 5 lie
+    beyond its 4 entries and do nothing."""
+    _, env = slurm
+    (tmp_path / "logs").mkdir()
+    args = [a if a != "quick" else "norms-quick" for a in tiny_args(cifar_dir, tmp_path)]
+    job = sbatch(env, tmp_path, "--array=2-5", TRAIN_SH, *args)
+    wait_for(job, slurm, timeout=240)
+    assert task_states(job, env) == {i: ("COMPLETED", "0:0", 0) for i in range(2, 6)}
+    names = grid_names("--profile", "norms-quick")
+    assert [names[2], names[3]] == ["ln_b32_s1", "in_b32_s1"] and len(names) == 4
+    for task in (2, 3):
+        epochs, record = history(tmp_path, names[task])
+        assert epochs == list(range(1, EPOCHS + 1))
+        assert record["config"]["norm"] == names[task][:2] and record["config"]["profile"] == \
+            "norms-quick"
+    for task in (4, 5):
+        log = (tmp_path / "logs" / f"slurm-{job}_{task}.out").read_text()
+        assert f"has no entry {task}; nothing to do" in log
 
 
 def test_cluster_stops_and_leaves_nothing_running(slurm):

@@ -13,6 +13,8 @@ from conftest import REPO
 
 import keras  # noqa: E402
 import layer  # noqa: E402
+import cifar10  # noqa: E402
+import runfiles  # noqa: E402
 import train  # noqa: E402
 
 
@@ -108,13 +110,75 @@ def test_weight_decay_is_1e_4_times_w_on_every_trainable_weight(norm):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(norm="ln"), "norm should be one of"),
+    (dict(norm="xn"), "norm should be one of"),
     (dict(norm="gn", groups=3), "groups should divide"),
     (dict(norm="gn", groups=0), "groups should divide"),
+    (dict(norm="gn", channels_per_group=3), "channels_per_group should divide"),
 ])
 def test_builder_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         train.build_resnet20(**kwargs)
+
+
+def norm_layers(model):
+    return [l for l in model.layers if isinstance(l, (keras.layers.BatchNormalization,
+                                                       layer.GroupNormalization))]
+
+
+@pytest.mark.parametrize("kwargs, groups", [
+    (dict(norm="ln"), lambda c: 1),
+    (dict(norm="in"), lambda c: -1),
+    (dict(norm="gn", groups=2), lambda c: 2),
+    (dict(norm="gn", channels_per_group=4), lambda c: c // 4),
+    (dict(norm="gn", groups=2, channels_per_group=16), lambda c: c // 16),   # C / G wins
+])
+def test_ln_in_and_group_divisions_are_group_norm_per_layer(kwargs, groups):
+    model = train.build_resnet20(**kwargs)
+    norms = norm_layers(model)
+    assert len(norms) == 21 and all(type(l) is layer.GroupNormalization for l in norms)
+    assert [l.groups for l in norms] == [groups(l.gamma.shape[0]) for l in norms]
+    assert sorted({l.gamma.shape[0] for l in norms}) == [16, 32, 64]
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 272_474
+
+
+def grad_and_value(fn, x):
+    import tensorflow as tf
+    x = tf.constant(x)
+    probe = tf.constant(np.random.default_rng(1).normal(size=x.shape).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+        loss = tf.reduce_sum(y * probe)   # a gradient that is not zero by symmetry
+    return y.numpy(), tape.gradient(loss, x).numpy()
+
+
+def builder_norm(norm, channels):
+    """The builder's normalization layer for `channels` channels (not the zero-gamma one)."""
+    model = train.build_resnet20(norm)
+    return next(l for l in norm_layers(model) if l.gamma.shape[0] == channels
+                and np.all(l.gamma.numpy() == 1))
+
+
+def test_ln_equals_keras_layer_normalization_over_hwc():
+    x = np.random.default_rng(0).normal(3, 2, size=(4, 8, 8, 32)).astype(np.float32)
+    ours = grad_and_value(builder_norm("ln", 32), x)
+    keras_ln = keras.layers.LayerNormalization(axis=(1, 2, 3), epsilon=train.EPSILON)
+    theirs = grad_and_value(keras_ln, x)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_in_equals_instance_normalization_per_channel():
+    import torch
+    x = np.random.default_rng(0).normal(3, 2, size=(4, 8, 8, 16)).astype(np.float32)
+    ours = grad_and_value(builder_norm("in", 16), x)
+    probe = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)   # torch is NCHW
+    yt = torch.nn.functional.instance_norm(xt, eps=train.EPSILON)
+    (yt * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
+    theirs = (yt.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 @pytest.mark.parametrize("depth", [21, 4, "20"])
@@ -152,6 +216,42 @@ def test_grid_is_seed_major():
     assert len(quick) == 10 and all(c.profile == "quick" and c.train_images for c in quick)
 
 
+def test_study_grids():
+    names = {p: [c.name for c in train.grid(p)] for p in train.PROFILES}
+    assert names["norms-quick"] == ["bn_b32_s1", "gn_b32_s1", "ln_b32_s1", "in_b32_s1"]
+    assert names["norms"][:4] == ["bn_b32_w8_s1", "gn_b32_w8_s1", "ln_b32_w8_s1", "in_b32_w8_s1"]
+    assert names["groups-quick"] == [f"gn_g{g}_b32_s1" for g in (1, 2, 4)] + ["gn_b32_s1"] + \
+        ["gn_g16_b32_s1"] + [f"gn_c{c}_b32_s1" for c in (1, 2, 4, 8, 16)]
+    assert names["workers-quick"] == [f"bn_b{n}{w}_s1" for w in ("", "_w8")
+                                      for n in (32, 16, 8, 4, 2)]
+    assert [len(names[p]) for p in ("norms", "groups", "workers")] == [12, 30, 30]
+    for p, entries in names.items():
+        assert len(set(entries)) == len(entries), p
+        study, scale = train.PROFILES[p]
+        assert all(c.profile == p and c.epochs == train.SCALES[scale]["epochs"]
+                   for c in train.grid(p))
+    groups = train.grid("groups-quick")
+    assert [(c.groups, c.channels_per_group) for c in groups[3:6]] == [(8, None), (16, None), (8, 1)]
+
+
+def test_grid_cli_names_each_entrys_group_division():
+    out = run_train("--grid", "--profile", "groups-quick").stdout.splitlines()
+    assert out[0] == "# 10 runs, profile groups-quick: study groups (10 runs) x 1 seeds, scale quick"
+    assert out[1] == "0 gn_g1_b32_s1 --norm gn --batch-size 32 --workers 1 --seed 1 --groups 1"
+    assert out[-1] == ("9 gn_c16_b32_s1 --norm gn --batch-size 32 --workers 1 --seed 1 "
+                       "--channels-per-group 16")
+
+
+def test_channels_per_group_and_groups_on_the_command_line():
+    def cfg(*args):
+        return train.resolve(*train.parse_args(list(args)))
+    assert cfg("--profile", "groups-quick", "--task", "6").name == "gn_c2_b32_s1"
+    assert cfg("--profile", "groups-quick", "--task", "6", "--groups", "4").name == "gn_g4_b32_s1"
+    assert cfg("--norm", "gn", "--batch-size", "8", "--channels-per-group", "4").name == \
+        "gn_c4_b8_w8_s1"
+    assert cfg("--norm", "ln", "--batch-size", "8", "--workers", "1").name == "ln_b8_s1"
+
+
 def run_train(*args, **kwargs):
     return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, **kwargs)
@@ -175,6 +275,11 @@ def test_task_selects_grid_entry_and_overrides():
     (["--norm", "gn"], "give --norm and --batch-size"),
     (["--norm", "gn", "--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--norm", "gn", "--batch-size", "8", "--groups", "5"], "--groups: groups should divide"),
+    (["--norm", "gn", "--batch-size", "8", "--channels-per-group", "3"],
+     "--channels-per-group: channels_per_group should divide"),
+    (["--norm", "gn", "--batch-size", "8", "--groups", "2", "--channels-per-group", "2"],
+     "give --groups or --channels-per-group, not both"),
+    (["--norm", "xn", "--batch-size", "8"], "invalid choice: 'xn'"),
 ])
 def test_cli_errors(args, message):
     result = run_train(*args)
@@ -254,7 +359,7 @@ def test_final_evaluation_matches_saved_model(reference, cifar_dir):
     root, _ = reference
     record = json.loads((root / "models" / "gn_b4_s3.json").read_text())
     model = keras.models.load_model(root / "models" / "gn_b4_s3.keras", safe_mode=True)
-    loss, error = train.evaluate(model, train.prepare_data(cifar_dir))
+    loss, error = train.evaluate(model, cifar10.prepare_data(cifar_dir))
     assert (loss, error) == (pytest.approx(record["test_loss"], abs=1e-6), record["test_error"])
 
 
@@ -343,13 +448,13 @@ def test_finished_run_with_other_configuration_is_refused(reference, cifar_dir):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "gn_b4_s3.json"
-    train.write_json(target, {"good": 1})
+    runfiles.write_json(target, {"good": 1})
 
     def broken(tmp):
         tmp.write_text('{"half')
         raise OSError("disk full")
     with pytest.raises(OSError):
-        train._atomic(target, broken)
+        runfiles.atomic_write(target, broken)
     assert json.loads(target.read_text()) == {"good": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["gn_b4_s3.json"]
 

@@ -11,6 +11,7 @@ from conftest import REPO
 
 import keras  # noqa: E402
 import backends  # noqa: E402
+import layer  # noqa: E402
 import train  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_worker_bn_matches_a_float64_reference():
     workers, momentum, eps = 4, 0.9, 1e-5
     rng = np.random.default_rng(0)
     x = rng.normal(2, 3, (8, 3, 3, 5)).astype(np.float32)
-    bn = train.WorkerBatchNormalization(workers=workers, momentum=momentum, epsilon=eps)
+    bn = layer.WorkerBatchNormalization(workers=workers, momentum=momentum, epsilon=eps)
     bn.build(x.shape)
     gamma, beta, mean0, var0 = (rng.normal(0, 1, 5), rng.normal(0, 1, 5),
                                 rng.normal(0, 1, 5), rng.uniform(0.5, 2, 5))
@@ -155,20 +156,20 @@ def test_builder_errors(kwargs, message):
 
 def test_layer_errors():
     with pytest.raises(ValueError, match="cannot be cut into 3 equal worker slices"):
-        train.WorkerBatchNormalization(workers=3)(np.zeros((4, 2, 2, 3), np.float32), training=True)
+        layer.WorkerBatchNormalization(workers=3)(np.zeros((4, 2, 2, 3), np.float32), training=True)
     with pytest.raises(ValueError, match="channels last"):
-        train.WorkerBatchNormalization(workers=2, axis=1)
+        layer.WorkerBatchNormalization(workers=2, axis=1)
 
 
 # --- the recipe, the grid and the command line ---------------------------------------
 
 def test_default_sweep_is_the_papers_eight_workers():
-    assert train.WORKERS == 8 and train.PROFILES["default"]["workers"] == train.WORKERS
+    assert train.WORKERS == 8 and train.SCALES["paper"]["workers"] == train.WORKERS
     entries = train.grid()
     assert {c.workers for c in entries} == {8}
     assert [c.name for c in entries[:10]] == [f"{n}_b{b}_w8_s1" for n in ("bn", "gn")
                                               for b in (32, 16, 8, 4, 2)]
-    quick = train.PROFILES["quick"]["workers"]
+    quick = train.SCALES["quick"]["workers"]
     assert {c.workers for c in train.grid("quick")} == {quick}
 
 
@@ -200,7 +201,7 @@ def test_cli_workers():
     assert resolve("--task", "3", "--workers", "2").name == "bn_b4_w2_s1"
     assert resolve("--norm", "gn", "--batch-size", "4").name == "gn_b4_w8_s1"
     assert resolve("--norm", "gn", "--batch-size", "4", "--workers", "1").name == "gn_b4_s1"
-    assert resolve("--profile", "quick", "--task", "0").workers == train.PROFILES["quick"]["workers"]
+    assert resolve("--profile", "quick", "--task", "0").workers == train.SCALES["quick"]["workers"]
     assert resolve("--task", "3", "--devices", "4").workers == 8
 
 

@@ -1,0 +1,156 @@
+"""Run a profile's grid on this machine, then reproduce.py and plot.py: the local runner.
+
+    python sweep.py --profile quick                 # every entry, then results and figures
+    python sweep.py --profile quick --tasks "0 3"   # some entries (indices of train.py --grid)
+    python sweep.py --jobs 2 [train.py options]     # options reach every entry's train.py
+    python sweep.py --profile quick --seeds "1 2 3" # the grid with other seeds
+    python train.py --profile quick                 # the same (train.py hands over to this file)
+    bash train.sh [args]                            # the same, where there is no SLURM
+
+Each grid entry runs as its own `python train.py --task I --profile P [options]`, JOBS
+at a time (default: one per core on a CPU, one with a GPU), smallest batches first (they
+take longest); their output is relayed line by line. A failed entry does not stop the
+others; the failures are listed at the end and the exit status is 1. SIGINT (Ctrl-C),
+SIGTERM or SIGUSR1 asks every running entry to checkpoint (SIGUSR1, at the end of its
+current compiled call) and the sweep exits with status 75 (train.PREEMPTED); the same
+command resumes. When every entry has finished: reproduce.py writes the profile's
+results file and plot.py its figures (train.profile_paths: results.csv, plot.png and
+curves.png for the paper's profile; results-P.csv, plot-P.png, curves-P.png otherwise,
+and the figure of the profile's study where it has one).
+
+On a SLURM cluster the grid runs as an array job instead (sbatch train.sh), one entry per
+array task; gpu.sh runs it on one borrowed GPU within a time budget.
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import backends
+import train
+
+HERE = Path(__file__).resolve().parent
+
+
+def forwarded(args):
+    """The arguments that a grid entry's own process needs to run as this one would."""
+    out = ["--profile", args.profile]
+    if args.seeds:
+        out += ["--seeds", " ".join(map(str, args.seeds))]
+    for name in ("epochs", "workers", "train_images", "test_images", "data_dir",
+                 "models_dir", "logs_dir", "threads", "devices", "loop"):
+        if getattr(args, name, None) is not None:
+            out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision")
+                  if getattr(args, f, False)]
+
+
+def default_jobs(threads):
+    # One single-threaded run per core on a CPU; one at a time where a GPU is to be shared.
+    if backends.gpus() or not threads:
+        return 1
+    return max(1, (os.cpu_count() or 1) // threads)
+
+
+def _relay(proc):
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+
+
+def run_entries(commands, jobs, stop, label="sweep"):
+    """Run {task: argv} as subprocesses, `jobs` at a time, in the dict's order; an exit status:
+    0, 1 if any failed (the others still run), train.PREEMPTED once `stop` is requested
+    (each running one gets SIGUSR1, checkpoints and exits; no new one starts)."""
+    order, running, failed = list(commands), [], []
+    while order or running:
+        while order and len(running) < jobs and not stop.requested:
+            task = order.pop(0)
+            # Its own process group: a Ctrl-C on the terminal reaches this runner alone,
+            # which then asks each run for a checkpoint instead of interrupting it.
+            proc = subprocess.Popen(commands[task], stdout=subprocess.PIPE, text=True,
+                                    stderr=subprocess.STDOUT, process_group=0)
+            relay = threading.Thread(target=_relay, args=(proc,), daemon=True)
+            relay.start()
+            running.append((task, proc, relay))
+        if stop.requested:
+            order = []
+            for _, proc, _ in running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGUSR1)   # each checkpoints, exits with PREEMPTED
+        time.sleep(0.2)
+        for entry in [r for r in running if r[1].poll() is not None]:
+            running.remove(entry)
+            entry[2].join()
+            if entry[1].returncode:
+                failed.append((entry[0], entry[1].returncode))
+    if stop.requested:
+        print(f"{label}: stopped by {stop.requested}; run the same command again to resume",
+              flush=True)
+        return train.PREEMPTED
+    for task, code in failed:
+        print(f"{label}: grid entry {task} failed (exit status {code}; see its output above)",
+              file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+def report(args, paths):
+    """reproduce.py, then plot.py's figures for this profile; an exit status."""
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    label = ["--label", args.label] if args.label else []
+    commands = [["reproduce.py", "--models-dir", paths["models_dir"], "--out", paths["results"], *data]]
+    commands += [["plot.py", *figure, *label] for figure in train.figures(args.profile, paths)]
+    for cmd in commands:
+        code = subprocess.run([sys.executable, str(HERE / cmd[0]), *map(str, cmd[1:])]).returncode
+        if code:
+            return code
+    return 0
+
+
+def sweep(args, stop):
+    """Every entry of args.tasks (default: the whole grid) of args.profile, then the report."""
+    start = time.perf_counter()
+    entries = train.grid(args.profile, args.seeds)
+    tasks = args.tasks if args.tasks is not None else list(range(len(entries)))
+    tasks = sorted(tasks, key=lambda i: entries[i].batch_size)   # longest runs first
+    jobs = args.jobs or default_jobs(args.threads)
+    print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
+    commands = {t: [sys.executable, "-u", str(HERE / "train.py"), "--task", str(t), *forwarded(args)]
+                for t in tasks}
+    code = run_entries(commands, jobs, stop, label=f"profile {args.profile}")
+    if code:
+        return code
+    paths = train.profile_paths(args.profile, args)
+    code = report(args, paths)
+    if code == 0:
+        outputs = [paths["results"], *(f[f.index("--out") + 1] for f in train.figures(args.profile, paths))]
+        print(f"profile {args.profile}: done in {(time.perf_counter() - start) / 60:.1f} min: "
+              f"{', '.join(map(str, outputs))}", flush=True)
+    return code
+
+
+def main(argv=None, stop=None):
+    """train.py's command line (one source of its options), for a whole grid."""
+    p, args = train.parse_args(argv)
+    args.profile = args.profile or "default"
+    singles = [f"--{k.replace('_', '-')}" for k in ("task", "norm", "batch_size", "seed", "groups")
+               if getattr(args, k) is not None]
+    if singles:
+        p.error(f"{' '.join(singles)}: a sweep runs every entry of the grid as it is defined; "
+                f"for one run use python train.py (e.g. --task I)")
+    n = len(train.grid(args.profile, args.seeds))
+    outside = [t for t in args.tasks or [] if not 0 <= t < n]
+    if outside:
+        p.error(f"--tasks {' '.join(map(str, outside))}: outside the {args.profile} grid "
+                f"(0-{n - 1}); see python train.py --grid --profile {args.profile}")
+    backends.set_threads(args.threads)
+    if stop is None:
+        with train.StopOnSignal(train.StopOnSignal.SIGNALS + (signal.SIGINT,)) as stop:
+            return sweep(args, stop)
+    return sweep(args, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""sweep.py, the one local runner of a grid: every entry as its own process, JOBS at a time,
+a failure does not stop the rest, a signal checkpoints every running entry, arguments reach
+each entry; the whole main job end to end is test_train.py's and test_slurm.py's."""
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO
+
+import sweep  # noqa: E402
+import train  # noqa: E402
+
+
+class Stop:
+    requested = None
+
+
+def fake(task, code=0, seconds=0.0):
+    """A command that prints 'ran TASK', takes `seconds`, exits with `code`; SIGUSR1 makes it
+    exit with train.PREEMPTED, as train.py does after its checkpoint."""
+    script = (f"import signal, sys, time\n"
+              f"signal.signal(signal.SIGUSR1, lambda *a: sys.exit({train.PREEMPTED}))\n"
+              f"print('ran {task}', flush=True)\n"
+              f"time.sleep({seconds})\n"
+              f"sys.exit({code})")
+    return [sys.executable, "-c", script]
+
+
+def ran(capsys):
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("ran ")]
+
+
+def test_every_entry_runs_in_order_one_at_a_time(capsys):
+    commands = {t: fake(t) for t in (4, 9, 0)}
+    assert sweep.run_entries(commands, jobs=1, stop=Stop()) == 0
+    assert ran(capsys) == ["ran 4", "ran 9", "ran 0"]
+
+
+def test_a_failure_does_not_stop_the_rest_and_is_named(capsys):
+    commands = {3: fake(3), 5: fake(5, code=3), 7: fake(7)}
+    assert sweep.run_entries(commands, jobs=2, stop=Stop(), label="profile x") == 1
+    out = capsys.readouterr()
+    assert sorted(line for line in out.out.splitlines() if line.startswith("ran ")) == \
+        ["ran 3", "ran 5", "ran 7"]
+    assert "profile x: grid entry 5 failed (exit status 3" in out.err
+
+
+def test_jobs_run_at_once():
+    # Two entries of 1.5 s each, 2 at a time: both have started before either ends.
+    stop, starts = Stop(), []
+    commands = {t: fake(t, seconds=1.5) for t in (1, 2)}
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        starts.append(time.monotonic())
+        return real(*args, **kwargs)
+    sweep.subprocess.Popen = popen
+    try:
+        assert sweep.run_entries(commands, jobs=2, stop=stop) == 0
+    finally:
+        sweep.subprocess.Popen = real
+    assert len(starts) == 2 and starts[1] - starts[0] < 1.0
+
+
+def test_a_stop_signals_the_running_entries_and_starts_no_more(capsys):
+    stop = Stop()
+    commands = {t: fake(t, seconds=60) for t in (1, 2, 3)}
+    threading.Timer(1.5, lambda: setattr(stop, "requested", "SIGINT")).start()
+    assert sweep.run_entries(commands, jobs=2, stop=stop, label="profile x") == train.PREEMPTED
+    out = capsys.readouterr().out
+    assert "ran 3" not in out and sorted(l for l in out.splitlines() if l.startswith("ran ")) == \
+        ["ran 1", "ran 2"]
+    assert "profile x: stopped by SIGINT; run the same command again to resume" in out
+
+
+def test_each_entry_gets_the_sweeps_arguments_in_the_order_of_its_batch_size(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(sweep, "run_entries",
+                        lambda commands, jobs, stop, label: seen.update(commands=commands,
+                                                                        jobs=jobs) or 1)
+    assert sweep.main(["--profile", "quick", "--tasks", "0 4 9", "--epochs", "2", "--jobs", "3",
+                       "--data-dir", "/d", "--force"], stop=Stop()) == 1
+    assert list(seen["commands"]) == [4, 9, 0]   # N = 2 first: the longest runs
+    assert seen["jobs"] == 3
+    assert seen["commands"][4][2:] == [str(REPO / "train.py"), "--task", "4", "--profile", "quick",
+                                       "--epochs", "2", "--data-dir", "/d", "--threads", "1",
+                                       "--loop", "auto", "--force"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "quick", "--tasks", "3 10"], "--tasks 10: outside the quick grid (0-9)"),
+    (["--profile", "norms-quick", "--norm", "bn"], "--norm: a sweep runs every entry"),
+    (["--groups", "4"], "--groups: a sweep runs every entry"),
+])
+def test_errors_name_the_argument(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(args, stop=Stop())
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_py_hands_a_whole_profile_to_sweep_py():
+    result = subprocess.run([sys.executable, "train.py", "--profile", "quick", "--tasks", "12"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "--tasks 12: outside the quick grid" in result.stderr
+    single = subprocess.run([sys.executable, "train.py", "--task", "1", "--tasks", "2"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert single.returncode == 2 and "--tasks selects entries of a whole profile" in single.stderr
+
+
+@pytest.mark.parametrize("profile, expected", [
+    ("default", ["models", "logs", "results.csv", "plot.png", "curves.png"]),
+    ("groups-quick", ["models/groups-quick", "logs/groups-quick", "results-groups-quick.csv",
+                      "plot-groups-quick.png", "curves-groups-quick.png"]),
+])
+def test_each_profile_has_its_own_files(profile, expected):
+    paths = train.profile_paths(profile)
+    assert [paths[k] for k in ("models_dir", "logs_dir", "results", "plot", "curves")] == expected
+    _, args = train.parse_args(["--profile", profile, "--plot", "out/plot-x.png"])
+    assert train.profile_paths(profile, args)["curves"] == "out/curves-x.png"
+
+
+def test_seeds_renumber_the_grid_and_reach_every_entry(monkeypatch):
+    assert [c.name for c in train.grid("norms-quick", seeds=[2, 3])][3:5] == ["in_b32_s2", "bn_b32_s3"]
+    cfg = train.resolve(*train.parse_args(["--profile", "quick", "--seeds", "2 3", "--task", "12"]))
+    assert cfg.name == "bn_b8_s3"
+    seen = {}
+    monkeypatch.setattr(sweep, "run_entries",
+                        lambda commands, jobs, stop, label: seen.update(commands) or 1)
+    assert sweep.main(["--profile", "norms-quick", "--seeds", "2,3"], stop=Stop()) == 1
+    assert sorted(seen) == list(range(8))
+    assert seen[7][5:9] == ["--profile", "norms-quick", "--seeds", "2 3"]
+
+
+@pytest.mark.parametrize("seeds", ["2 2", "-1", ""])
+def test_bad_seeds_are_refused(seeds, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--profile", "quick", "--seeds", seeds])
+    assert "--seeds should be distinct non-negative integers" in capsys.readouterr().err

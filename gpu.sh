@@ -6,6 +6,7 @@
 #   TRAIN_GIT_COMMIT=$(git rev-parse HEAD) bash gpu.sh SECONDS [TASK ...]   # there, one call
 #                 # default tasks: the default grid's entries without a run record in models/
 #   PROFILE=norms ... bash gpu.sh SECONDS   # another profile's grid (models/norms/, ...)
+#   SEEDS="4 5" ... bash gpu.sh SECONDS     # the grid with other seeds (train.py --seeds)
 #
 # 1. installs the wheels carried in .gpu/wheels/ (keras, optree, namex) into .gpu/site/
 #    where Keras is missing;
@@ -67,11 +68,16 @@ python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "ker
 # Default: the grid entries with no run record in the profile's models folder (the committed
 # paper-scale runs), seed by seed, largest batch first, the norms alternating.
 PROFILE=${PROFILE:-default}
-models=$(python3 -c "import train; print(train.profile_paths('$PROFILE')['models_dir'])") || exit 1
+grid=(--profile "$PROFILE" ${SEEDS:+--seeds "$SEEDS"})   # the same for --grid and every --task
+models=$(python3 -c "import sys, train
+p = sys.argv[1]
+sys.exit(f'gpu.sh: no profile {p!r}: one of {list(train.PROFILES)}') if p not in train.PROFILES else None
+print(train.profile_paths(p)['models_dir'])" "$PROFILE") || exit 2
+listing=$(python3 train.py --grid "${grid[@]}") || exit 2
 if (($#)); then
     tasks=$*
 else
-    tasks=$(python3 train.py --grid --profile "$PROFILE" | awk '!/^#/' | sort -k10,10n -k6,6nr -k4,4 |
+    tasks=$(awk '!/^#/' <<<"$listing" | sort -k10,10n -k6,6nr -k4,4 |
         while read -r i name _; do [[ -f $models/$name.json ]] || echo "$i"; done | xargs)
 fi
 echo "gpu.sh: profile $PROFILE, tasks: ${tasks:-none left}"
@@ -117,7 +123,7 @@ while ((${#queue[@]} || ${#pids[@]})); do
         t=${queue[0]}
         queue=("${queue[@]:1}")
         # shellcheck disable=SC2086  # TRAIN_ARGS: extra train.py arguments, word-split
-        XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction python3 train.py --task "$t" --profile "$PROFILE" \
+        XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction python3 train.py --task "$t" "${grid[@]}" \
             --loop "$loop" --data-dir .gpu/data ${TRAIN_ARGS:-} >>".gpu/console/task$t.txt" 2>&1 &
         pids[$t]=$!
         echo "gpu.sh: task $t started (pid $!) at $(elapsed)s"

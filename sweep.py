@@ -22,6 +22,7 @@ On a SLURM cluster the grid runs as an array job instead (sbatch train.sh), one 
 array task; gpu.sh runs it on one borrowed GPU within a time budget.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,9 +49,18 @@ def forwarded(args):
                   if getattr(args, f, False)]
 
 
+def has_gpu():
+    """Whether an NVIDIA GPU is visible, asked without starting TensorFlow or JAX here (they
+    would take the GPU's memory for this process, away from the runs it starts)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1") or not shutil.which("nvidia-smi"):
+        return False
+    found = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return found.returncode == 0 and "GPU" in found.stdout
+
+
 def default_jobs(threads):
     # One single-threaded run per core on a CPU; one at a time where a GPU is to be shared.
-    if backends.gpus() or not threads:
+    if not threads or has_gpu():
         return 1
     return max(1, (os.cpu_count() or 1) // threads)
 
@@ -64,7 +74,7 @@ def run_entries(commands, jobs, stop, label="sweep"):
     """Run {task: argv} as subprocesses, `jobs` at a time, in the dict's order; an exit status:
     0, 1 if any failed (the others still run), train.PREEMPTED once `stop` is requested
     (each running one gets SIGUSR1, checkpoints and exits; no new one starts)."""
-    order, running, failed = list(commands), [], []
+    order, running, failed, signalled = list(commands), [], [], set()
     while order or running:
         while order and len(running) < jobs and not stop.requested:
             task = order.pop(0)
@@ -77,22 +87,23 @@ def run_entries(commands, jobs, stop, label="sweep"):
             running.append((task, proc, relay))
         if stop.requested:
             order = []
-            for _, proc, _ in running:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGUSR1)   # each checkpoints, exits with PREEMPTED
+            for task, proc, _ in running:
+                if task not in signalled and proc.poll() is None:
+                    proc.send_signal(signal.SIGUSR1)   # it checkpoints, exits with PREEMPTED
+                    signalled.add(task)
         time.sleep(0.2)
         for entry in [r for r in running if r[1].poll() is not None]:
             running.remove(entry)
             entry[2].join()
-            if entry[1].returncode:
+            if entry[1].returncode not in (0, train.PREEMPTED if stop.requested else 0):
                 failed.append((entry[0], entry[1].returncode))
+    for task, code in failed:
+        print(f"{label}: grid entry {task} failed (exit status {code}; see its output above)",
+              file=sys.stderr, flush=True)
     if stop.requested:
         print(f"{label}: stopped by {stop.requested}; run the same command again to resume",
               flush=True)
         return train.PREEMPTED
-    for task, code in failed:
-        print(f"{label}: grid entry {task} failed (exit status {code}; see its output above)",
-              file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
@@ -131,11 +142,17 @@ def sweep(args, stop):
     return code
 
 
-def main(argv=None, stop=None):
-    """train.py's command line (one source of its options), for a whole grid."""
+SCALE_OPTIONS = ("epochs", "workers", "train_images", "test_images")
+OWN_FILES = ("models_dir", "results", "plot")
+
+
+def main(argv=None, stop=None, outer=None):
+    """train.py's command line (one source of its options), for a whole grid. outer: a stop
+    flag installed before this process's imports (train.py's), whose signal counts too."""
     p, args = train.parse_args(argv)
     args.profile = args.profile or "default"
-    singles = [f"--{k.replace('_', '-')}" for k in ("task", "norm", "batch_size", "seed", "groups")
+    singles = [f"--{k.replace('_', '-')}" for k in ("task", "norm", "batch_size", "seed", "groups",
+                                                    "channels_per_group")
                if getattr(args, k) is not None]
     if singles:
         p.error(f"{' '.join(singles)}: a sweep runs every entry of the grid as it is defined; "
@@ -145,9 +162,20 @@ def main(argv=None, stop=None):
     if outside:
         p.error(f"--tasks {' '.join(map(str, outside))}: outside the {args.profile} grid "
                 f"(0-{n - 1}); see python train.py --grid --profile {args.profile}")
+    scale = [f"--{k.replace('_', '-')}" for k in SCALE_OPTIONS if getattr(args, k) is not None]
+    default = [f"--{k.replace('_', '-')}" for k in OWN_FILES if getattr(args, k) is None]
+    if scale and default:
+        paths = train.profile_paths(args.profile)
+        p.error(f"{' '.join(scale)} changes the {args.profile} profile's scale: give "
+                f"{' '.join(default)} of your own too, so that its files "
+                f"({', '.join(paths[k] for k in OWN_FILES)}) are not replaced")
     backends.set_threads(args.threads)
     if stop is None:
-        with train.StopOnSignal(train.StopOnSignal.SIGNALS + (signal.SIGINT,)) as stop:
+        # SIGINT: the runs have their own process group, Ctrl-C reaches this process alone;
+        # SIGHUP (the terminal closed): they would lose their output, so they checkpoint too.
+        signals = train.StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)
+        with train.StopOnSignal(signals) as stop:
+            stop.requested = getattr(outer, "requested", None)
             return sweep(args, stop)
     return sweep(args, stop)
 

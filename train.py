@@ -179,14 +179,20 @@ class Config:
         return [max(1, round(d * self.epochs / EPOCHS)) for d in LR_DROPS]
 
 
+def base_config(profile="default", seeds=None):
+    """The Config of the profile's scale before a study sets its runs' fields (seed: the
+    first one): what a single run (--norm ..., no --task) starts from."""
+    s = SCALES[PROFILES[profile][1]]
+    return Config(epochs=s["epochs"], workers=s["workers"], train_images=s["train_images"],
+                  test_images=s["test_images"], profile=profile, seed=(seeds or s["seeds"])[0])
+
+
 def grid(profile="default", seeds=None):
     """The profile's runs, seed-major: all of seed 1's study in STUDIES order, then seed 2's...
     seeds: other seeds than the scale's (--seeds), e.g. a spread at laptop scale."""
     study, scale = PROFILES[profile]
-    s = SCALES[scale]
-    base = dict(epochs=s["epochs"], workers=s["workers"], train_images=s["train_images"],
-                test_images=s["test_images"], profile=profile)
-    return [Config(**{**base, **run, "seed": seed}) for seed in (seeds or s["seeds"])
+    base = base_config(profile)
+    return [replace(base, **run, seed=seed) for seed in (seeds or SCALES[scale]["seeds"])
             for run in STUDIES[study]]
 
 
@@ -758,15 +764,19 @@ def resolve(p, args):
     else:
         if args.norm is None or args.batch_size is None:
             p.error("give --norm and --batch-size (and --seed), or --task I, or --profile alone")
-        cfg = entries[0]
+        cfg = base_config(profile, args.seeds)
     overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "workers", "seed", "epochs",
                                                "groups", "channels_per_group", "train_images",
                                                "test_images")
                  if getattr(args, k) is not None}
     if args.groups is not None:
         overrides["channels_per_group"] = None   # G given: fixed groups, not a group size
+    if args.channels_per_group is not None:
+        overrides["groups"] = GROUPS             # C / G given: G is not the run's setting
     overrides |= {k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)}
     cfg = replace(cfg, **overrides)
+    if cfg.channels_per_group is not None and cfg.norm != "gn":
+        p.error(f"--channels-per-group is GN's setting; this run's norm is {cfg.norm}")
     for name in ("groups", "channels_per_group"):
         try:
             if getattr(cfg, name) is not None:
@@ -799,10 +809,9 @@ def main(argv=None, stop=None):
     if args.grid:
         print_grid(args.profile or "default", args.seeds)
         return 0
-    singles = ("task", "norm", "batch_size", "seed", "groups", "channels_per_group")
-    if args.profile and all(getattr(args, k) is None for k in singles):
+    if args.profile and all(getattr(args, k) is None for k in ("task", "norm", "batch_size", "seed")):
         import sweep   # the whole grid: the one local runner
-        return sweep.main(argv)
+        return sweep.main(argv, outer=stop)
     if args.tasks is not None:
         p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
     cfg = resolve(p, args)

@@ -69,3 +69,13 @@ def test_deadline_checkpoints_and_a_second_call_resumes(tree, tmp_path):
     record = (tree / "models" / "bn_b4_w2_s1.json").read_text()
     assert '"backend": "jax"' in record and '"git_commit": "abc1234"' in record
     assert '"tensorflow"' not in record   # no TensorFlow on that machine
+
+
+def test_an_unknown_profile_stops_before_any_gpu_time_is_spent(tree, tmp_path):
+    env = {**os.environ, "PATH": f"{tree / 'bin'}:{os.environ['PATH']}", "OUT": str(tmp_path),
+           "PROFILE": "norm"}
+    result = subprocess.run(["bash", str(tree / "gpu.sh"), "60"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "gpu.sh: no profile 'norm': one of ['default', 'quick', 'norms'" in result.stdout
+    assert "sweep loop" not in result.stdout

@@ -22,7 +22,10 @@ def fake(task, code=0, seconds=0.0):
     """A command that prints 'ran TASK', takes `seconds`, exits with `code`; SIGUSR1 makes it
     exit with train.PREEMPTED, as train.py does after its checkpoint."""
     script = (f"import signal, sys, time\n"
-              f"signal.signal(signal.SIGUSR1, lambda *a: sys.exit({train.PREEMPTED}))\n"
+              f"def checkpoint(*a):\n"
+              f"    print('{task} got SIGUSR1', flush=True)\n"
+              f"    sys.exit({train.PREEMPTED})\n"
+              f"signal.signal(signal.SIGUSR1, checkpoint)\n"
               f"print('ran {task}', flush=True)\n"
               f"time.sleep({seconds})\n"
               f"sys.exit({code})")
@@ -73,6 +76,9 @@ def test_a_stop_signals_the_running_entries_and_starts_no_more(capsys):
     out = capsys.readouterr().out
     assert "ran 3" not in out and sorted(l for l in out.splitlines() if l.startswith("ran ")) == \
         ["ran 1", "ran 2"]
+    # each running entry was asked once for its checkpoint (not left to sleep its 60 s)
+    assert sorted(l for l in out.splitlines() if "got SIGUSR1" in l) == \
+        ["1 got SIGUSR1", "2 got SIGUSR1"]
     assert "profile x: stopped by SIGINT; run the same command again to resume" in out
 
 
@@ -82,18 +88,24 @@ def test_each_entry_gets_the_sweeps_arguments_in_the_order_of_its_batch_size(mon
                         lambda commands, jobs, stop, label: seen.update(commands=commands,
                                                                         jobs=jobs) or 1)
     assert sweep.main(["--profile", "quick", "--tasks", "0 4 9", "--epochs", "2", "--jobs", "3",
-                       "--data-dir", "/d", "--force"], stop=Stop()) == 1
+                       "--data-dir", "/d", "--force", "--models-dir", "m", "--results", "r.csv",
+                       "--plot", "p.png"], stop=Stop()) == 1
     assert list(seen["commands"]) == [4, 9, 0]   # N = 2 first: the longest runs
     assert seen["jobs"] == 3
     assert seen["commands"][4][2:] == [str(REPO / "train.py"), "--task", "4", "--profile", "quick",
-                                       "--epochs", "2", "--data-dir", "/d", "--threads", "1",
-                                       "--loop", "auto", "--force"]
+                                       "--epochs", "2", "--data-dir", "/d", "--models-dir", "m",
+                                       "--threads", "1", "--loop", "auto", "--force"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--profile", "quick", "--tasks", "3 10"], "--tasks 10: outside the quick grid (0-9)"),
     (["--profile", "norms-quick", "--norm", "bn"], "--norm: a sweep runs every entry"),
     (["--groups", "4"], "--groups: a sweep runs every entry"),
+    (["--channels-per-group", "4"], "--channels-per-group: a sweep runs every entry"),
+    (["--profile", "quick", "--epochs", "2"], "--epochs changes the quick profile's scale: give "
+     "--models-dir --results --plot of your own too, so that its files (models/quick, "
+     "results-quick.csv, plot-quick.png) are not replaced"),
+    (["--train-images", "9", "--models-dir", "m"], "give --results --plot of your own too"),
 ])
 def test_errors_name_the_argument(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -102,6 +114,9 @@ def test_errors_name_the_argument(args, message, capsys):
 
 
 def test_train_py_hands_a_whole_profile_to_sweep_py():
+    grouped = subprocess.run([sys.executable, "train.py", "--profile", "quick", "--groups", "4"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert grouped.returncode == 2 and "--groups: a sweep runs every entry" in grouped.stderr
     result = subprocess.run([sys.executable, "train.py", "--profile", "quick", "--tasks", "12"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "--tasks 12: outside the quick grid" in result.stderr
@@ -129,7 +144,7 @@ def test_seeds_renumber_the_grid_and_reach_every_entry(monkeypatch):
     seen = {}
     monkeypatch.setattr(sweep, "run_entries",
                         lambda commands, jobs, stop, label: seen.update(commands) or 1)
-    assert sweep.main(["--profile", "norms-quick", "--seeds", "2,3"], stop=Stop()) == 1
+    assert sweep.main(["--profile", "norms-quick", "--seeds", "2,3"], stop=Stop()) == 1   # fake
     assert sorted(seen) == list(range(8))
     assert seen[7][5:9] == ["--profile", "norms-quick", "--seeds", "2 3"]
 
@@ -139,3 +154,17 @@ def test_bad_seeds_are_refused(seeds, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--profile", "quick", "--seeds", seeds])
     assert "--seeds should be distinct non-negative integers" in capsys.readouterr().err
+
+
+def test_an_outer_stop_before_the_sweep_starts_nothing(capsys):
+    outer = Stop()
+    outer.requested = "SIGTERM"   # arrived during train.py's imports
+    assert sweep.main(["--profile", "quick"], outer=outer) == train.PREEMPTED
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM" in out and "train.py --task" not in out
+
+
+def test_no_gpu_is_seen_without_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
+    assert not sweep.has_gpu() and sweep.default_jobs(1) == (sweep.os.cpu_count() or 1)
+    assert sweep.default_jobs(0) == 1

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -250,6 +251,24 @@ def test_channels_per_group_and_groups_on_the_command_line():
     assert cfg("--norm", "gn", "--batch-size", "8", "--channels-per-group", "4").name == \
         "gn_c4_b8_w8_s1"
     assert cfg("--norm", "ln", "--batch-size", "8", "--workers", "1").name == "ln_b8_s1"
+    # a single run of a study's profile starts from its scale, not from the study's first run
+    assert cfg("--profile", "groups", "--norm", "gn", "--batch-size", "32").name == "gn_b32_w8_s1"
+    assert cfg("--profile", "workers", "--norm", "bn", "--batch-size", "4").workers == 8
+    assert cfg("--profile", "groups-quick", "--task", "2", "--channels-per-group", "2").groups == 8
+
+
+def test_records_and_checkpoints_from_before_channels_per_group_still_match(tmp_path):
+    import runfiles
+    cfg = train.Config(norm="gn", batch_size=8)
+    old = {k: v for k, v in asdict(cfg).items()
+           if k != "channels_per_group"}
+    paths = runfiles.Paths(tmp_path, tmp_path, cfg.name)
+    paths.model.write_text("a model")
+    runfiles.write_json(paths.record, {"config": {"run": old}})
+    current = asdict(cfg)
+    assert runfiles.finished_record(paths, current, asdict(train.Config()))
+    with pytest.raises(SystemExit, match="was trained with another configuration"):
+        runfiles.finished_record(paths, current)   # without the defaults: another one
 
 
 def run_train(*args, **kwargs):
@@ -280,6 +299,8 @@ def test_task_selects_grid_entry_and_overrides():
     (["--norm", "gn", "--batch-size", "8", "--groups", "2", "--channels-per-group", "2"],
      "give --groups or --channels-per-group, not both"),
     (["--norm", "xn", "--batch-size", "8"], "invalid choice: 'xn'"),
+    (["--norm", "bn", "--batch-size", "8", "--channels-per-group", "2"],
+     "--channels-per-group is GN's setting; this run's norm is bn"),
 ])
 def test_cli_errors(args, message):
     result = run_train(*args)

@@ -449,11 +449,16 @@ def draw_table(ax, table, columns, title):
     ax.set_title(title, fontsize=10)
 
 
-def subtitle(fig, df, label, metric, extra=""):
+def finish_figure(fig, out, title, df, label, metric, extra="", top=0.86, per_line=0.04):
+    """The title, the provenance subtitle (what produced the points, what they are), then
+    the figure saved atomically."""
+    fig.suptitle(title, fontsize=12, y=0.985)
     text = (_wrapped(provenance(df, label)) + "\n"
             + _wrapped(f"{METRICS.get(metric, metric)}, mean over seeds{extra}"))
     fig.text(0.5, 0.94, text, ha="center", va="top", fontsize=8.5, color="0.25", linespacing=1.4)
-    return text
+    fig.tight_layout()
+    fig.subplots_adjust(top=top - per_line * (text.count("\n") + 1))
+    save_atomic(fig, out)
 
 
 def norm_name(norm):
@@ -491,15 +496,11 @@ def plot_norms(df, records, out, metric="median_last5_error", label=None):
     columns = ["norm", "seeds", "error", "difference", "paper (ImageNet)"]
     draw_table(axes[2], table, columns, "Table 1: error (%) at the final epochs; difference to BN")
     workers = span(df["workers"].astype(int))
-    fig.suptitle(f"Normalization methods at {span(df['batch_size'].astype(int))} images per "
-                 f"worker, {workers} worker{'' if workers == '1' else 's'} "
-                 f"(Figure 4 and Table 1 of the paper)",
-                 fontsize=12, y=0.985)
-    text = subtitle(fig, df, label, metric, "; training error: during each epoch, "
-                    "augmented, as the paper's Figure 4; paper: ResNet-50 on ImageNet")
-    fig.tight_layout()
-    fig.subplots_adjust(top=0.86 - 0.04 * (text.count("\n") + 1))
-    save_atomic(fig, out)
+    finish_figure(fig, out, f"Normalization methods at {span(df['batch_size'].astype(int))} "
+                  f"images per worker, {workers} worker{'' if workers == '1' else 's'} (Figure 4 "
+                  f"and Table 1 of the paper)", df, label, metric,
+                  "; training error: during each epoch, augmented, as the paper's Figure 4; "
+                  "paper: ResNet-50 on ImageNet")
     return table
 
 
@@ -546,13 +547,10 @@ def plot_groups(df, out, metric="median_last5_error", label=None):
         ax.set_title(f"GN by {name}", fontsize=10)
         draw_table(axes[1][col], table, [name, "seeds", "error", "difference", "paper (ImageNet)"],
                    f"difference: to the best {name.split()[0]} setting")
-    fig.suptitle(f"Group division at {span(df['batch_size'].astype(int))} images per worker "
-                 f"(Table 3 of the paper)", fontsize=12, y=0.985)
-    text = subtitle(fig, df, label, metric, "; paper: ResNet-50 on ImageNet, whose narrowest "
-                    "layers have 64 channels (here 16: G and C / G at most 16)")
-    fig.tight_layout()
-    fig.subplots_adjust(top=0.86 - 0.03 * (text.count("\n") + 1))
-    save_atomic(fig, out)
+    finish_figure(fig, out, f"Group division at {span(df['batch_size'].astype(int))} images per "
+                  f"worker (Table 3 of the paper)", df, label, metric,
+                  "; paper: ResNet-50 on ImageNet, whose narrowest layers have 64 channels "
+                  "(here 16: G and C / G at most 16)", per_line=0.03)
     return tables
 
 
@@ -563,13 +561,9 @@ def plot_workers(df, out, metric="median_last5_error", label=None):
     draw_panel(left, agg, "CIFAR-10, ResNet-20 (this reproduction)", "test error (%)")
     draw_panel(right, aggregate(paper_results()), "ImageNet, ResNet-50, 8 workers (paper, Table 2)",
                "validation error (%)")
-    fig.suptitle("Batch size per worker or per step: BN with W workers of N images",
-                 fontsize=12, y=0.985)
-    text = subtitle(fig, df, label, metric, f"; {spread_note(agg)}; W = 1: BN over the step's N "
-                    f"images; W = 8: each worker's N, the step has 8N" + missing_note(df))
-    fig.tight_layout()
-    fig.subplots_adjust(top=0.88 - 0.04 * (text.count("\n") + 1))
-    save_atomic(fig, out)
+    finish_figure(fig, out, "Batch size per worker or per step: BN with W workers of N images",
+                  df, label, metric, f"; {spread_note(agg)}; W = 1: BN over the step's N images; "
+                  f"W = 8: each worker's N, the step has 8N" + missing_note(df), top=0.88)
     return agg
 
 

@@ -142,6 +142,21 @@ def test_ln_in_and_group_divisions_are_group_norm_per_layer(kwargs, groups):
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 272_474
 
 
+@pytest.mark.parametrize("norm, gn", [("ln", dict(groups=1)), ("in", dict(channels_per_group=1))])
+def test_ln_and_in_are_the_ends_of_the_groups_study(norm, gn):
+    """LN is GN with G = 1, IN is GN with C / G = 1: the same model, weight for weight (the
+    laptop-scale studies trained them to the same error)."""
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    models = []
+    for kwargs in (dict(norm=norm), dict(norm="gn", **gn)):
+        keras.utils.set_random_seed(5)
+        models.append(train.build_resnet20(**kwargs))
+    a, b = models
+    for u, v in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(a(x, training=True), b(x, training=True))
+
+
 def grad_and_value(fn, x):
     import tensorflow as tf
     x = tf.constant(x)

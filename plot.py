@@ -506,13 +506,12 @@ def plot_norms(df, records, out, metric="median_last5_error", label=None):
 
 def groups_tables(df, metric):
     """Table 3's two halves: by G (fixed groups) and by channels per group (C / G fixed)."""
+    # reproduce.py writes LN as groups 1 and IN as channels_per_group 1, blank the other
     def by_groups(r):
-        return 1 if r.norm == "ln" else (int(r.groups) if r.norm == "gn" and pd.isna(r.channels_per_group)
-                                         and not pd.isna(r.groups) else None)
+        return int(r.groups) if r.norm in ("gn", "ln") and pd.isna(r.channels_per_group) else None
 
     def by_channels(r):
-        return 1 if r.norm == "in" else (int(r.channels_per_group) if r.norm == "gn"
-                                         and not pd.isna(r.channels_per_group) else None)
+        return None if pd.isna(r.channels_per_group) else int(r.channels_per_group)
     out = {}
     for name, key, paper in (("groups G", by_groups, PAPER_TABLE3_GROUPS),
                              ("channels per group", by_channels, PAPER_TABLE3_CHANNELS)):

@@ -107,17 +107,34 @@ def run_entries(commands, jobs, stop, label="sweep"):
     return 1 if failed else 0
 
 
+def figures(profile, paths):
+    """plot.py's arguments for the figures of a profile's report (sweep.py runs them)."""
+    study, scale = train.PROFILES[profile]
+    # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
+    # epochs those 5 include its first ones, so a reduced scale plots the final error.
+    metric = [] if train.SCALES[scale]["epochs"] >= 20 else ["--metric", "test_error"]
+    results = ["--results", paths["results"]]
+    if study == "figure1":
+        return [[*results, "--out", paths["plot"], *metric],
+                ["--curves", "--models-dir", paths["models_dir"], "--out", paths["curves"]]]
+    if study == "norms":   # Figure 4: error curves, one line per norm, and Table 1
+        return [["--study", "norms", *results, "--models-dir", paths["models_dir"],
+                 "--out", paths["plot"], *metric]]
+    return [["--study", study, *results, "--out", paths["plot"], *metric]]
+
+
 def report(args, paths):
-    """reproduce.py, then plot.py's figures for this profile; an exit status."""
+    """reproduce.py, then plot.py's figures for this profile: (exit status, files written)."""
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     label = ["--label", args.label] if args.label else []
+    plots = figures(args.profile, paths)
     commands = [["reproduce.py", "--models-dir", paths["models_dir"], "--out", paths["results"], *data]]
-    commands += [["plot.py", *figure, *label] for figure in train.figures(args.profile, paths)]
+    commands += [["plot.py", *figure, *label] for figure in plots]
     for cmd in commands:
         code = subprocess.run([sys.executable, str(HERE / cmd[0]), *map(str, cmd[1:])]).returncode
         if code:
-            return code
-    return 0
+            return code, []
+    return 0, [paths["results"], *(f[f.index("--out") + 1] for f in plots)]
 
 
 def sweep(args, stop):
@@ -134,9 +151,8 @@ def sweep(args, stop):
     if code:
         return code
     paths = train.profile_paths(args.profile, args)
-    code = report(args, paths)
+    code, outputs = report(args, paths)
     if code == 0:
-        outputs = [paths["results"], *(f[f.index("--out") + 1] for f in train.figures(args.profile, paths))]
         print(f"profile {args.profile}: done in {(time.perf_counter() - start) / 60:.1f} min: "
               f"{', '.join(map(str, outputs))}", flush=True)
     return code

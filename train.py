@@ -215,22 +215,6 @@ def profile_paths(profile, args=None):
     return paths
 
 
-def figures(profile, paths):
-    """plot.py's arguments for the figures of a profile's report (sweep.py runs them)."""
-    study, scale = PROFILES[profile]
-    # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
-    # epochs those 5 include its first ones, so a reduced scale plots the final error.
-    metric = [] if SCALES[scale]["epochs"] >= 20 else ["--metric", "test_error"]
-    results = ["--results", paths["results"]]
-    if study == "figure1":
-        return [[*results, "--out", paths["plot"], *metric],
-                ["--curves", "--models-dir", paths["models_dir"], "--out", paths["curves"]]]
-    if study == "norms":   # Figure 4: error curves, one line per norm, and Table 1
-        return [["--study", "norms", *results, "--models-dir", paths["models_dir"],
-                 "--out", paths["plot"], *metric]]
-    return [["--study", study, *results, "--out", paths["plot"], *metric]]
-
-
 # ---------------------------------------------------------------------------
 # The model: He et al. (2015) Section 4.2, conv -> norm -> ReLU.
 

@@ -66,7 +66,8 @@ fi
 python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "keras", keras.__version__)' || exit 1
 
 # Default: the grid entries with no run record in the profile's models folder (the committed
-# paper-scale runs), seed by seed, largest batch first, the norms alternating.
+# paper-scale runs), seed by seed, largest batch first, the norms alternating; not those that
+# another profile provides (marked by --grid: that profile trains them, once).
 PROFILE=${PROFILE:-default}
 grid=(--profile "$PROFILE" ${SEEDS:+--seeds "$SEEDS"})   # the same for --grid and every --task
 models=$(python3 -c "import sys, train
@@ -77,7 +78,7 @@ listing=$(python3 train.py --grid "${grid[@]}") || exit 2
 if (($#)); then
     tasks=$*
 else
-    tasks=$(awk '!/^#/' <<<"$listing" | sort -k10,10n -k6,6nr -k4,4 |
+    tasks=$(awk '!/^#/ && !/# provided by/' <<<"$listing" | sort -k10,10n -k6,6nr -k4,4 |
         while read -r i name _; do [[ -f $models/$name.json ]] || echo "$i"; done | xargs)
 fi
 echo "gpu.sh: profile $PROFILE, tasks: ${tasks:-none left}"

@@ -4,12 +4,12 @@ figures of the paper's other studies.
     python plot.py [--results results.csv] [--out plot.png] [--metric median_last5_error]
                    [--label TEXT]
     python plot.py --curves [--models-dir models] [--out curves.png] [--label TEXT]
-    python plot.py --study norms --results results-norms.csv --models-dir models/norms \\
-                   --out plot-norms.png       # Figure 4 (curves) and Table 1, a line per norm
+    python plot.py --study norms --results results-norms.csv --out plot-norms.png
+                                              # Figure 4 (curves) and Table 1, a line per norm
     python plot.py --study groups --results results-groups.csv --out plot-groups.png
                                               # Table 3: error against G and against C / G
     python plot.py --study workers --results results-workers.csv --out plot-workers.png
-                                              # error against N, a line per W
+                                              # BN against N: W fixed, or the step fixed
 
 The first form writes plot.png: error (%) against the batch size per worker
 (log2 axis, 32 -> 2 left to right as in the paper), one line per normalization,
@@ -25,6 +25,8 @@ per-epoch history from the run records models/NAME.json that train.py writes
 (the same numbers as the TensorBoard logs under logs/NAME, without needing
 TensorBoard to read them).
 
+--study norms draws the curves of the run records beside the results' models (the
+`model` column: a study's runs may live in another profile's folder), or of --models-dir.
 --study norms and --study groups also print their table (markdown) on stdout, with the
 paper's ImageNet numbers beside it. train.py's profiles (norms, groups, workers, and their
 -quick variants) make the results these read; sweep.py draws them after a whole grid.
@@ -143,7 +145,8 @@ def aggregate(df, metric="median_last5_error"):
     Columns: series, norm, batch_size, n (seeds), mean, low, high, spread, where
     spread is 'min-max' for 1-2 seeds and 'std' (low/high = mean -/+ std) for 3+.
     """
-    df = df.assign(series=series_labels(df))
+    if "series" not in df.columns:   # (a study may name its lines itself)
+        df = df.assign(series=series_labels(df))
     rows = []
     for (series, norm, bs), g in df.groupby(["series", "norm", "batch_size"], sort=False):
         x = g[metric].to_numpy(float)
@@ -325,10 +328,29 @@ def plot_figure1(df, out, metric="median_last5_error", label=None):
 
 # ---------------------------------------------------------------- curves
 
-def read_records(models_dir):
-    """Run records models/*.json (not checkpoints/) that have a per-epoch history."""
-    models_dir = Path(models_dir)
-    paths = sorted(models_dir.glob("*.json"))
+def records_of(df, results):
+    """The run records NAME.json beside the models of the results' rows (their `model`
+    column, relative to the working folder or to the results file's)."""
+    if "model" not in df.columns:
+        raise ResultsError(f"{results}: no model column to find the run records by; give "
+                           f"--models-dir where they are")
+    paths = []
+    for model in [m for m in df["model"].astype(str) if m]:
+        path = Path(model).with_suffix(".json")
+        if not path.is_file() and (Path(results).parent / path).is_file():
+            path = Path(results).parent / path
+        if not path.is_file():
+            raise ResultsError(f"{results}: no run record {path} beside the model {model} of "
+                               f"its rows; give --models-dir where the run records are")
+        paths.append(path)
+    return read_records(None, paths)
+
+
+def read_records(models_dir, paths=None):
+    """Run records models/*.json (not checkpoints/) that have a per-epoch history (or the
+    records at paths)."""
+    models_dir = Path(models_dir) if models_dir is not None else Path(".")
+    paths = sorted(models_dir.glob("*.json")) if paths is None else paths
     if not paths:
         raise ResultsError(f"{models_dir}: no run records (NAME.json); train some first "
                            f"with `python train.py` (see the README)")
@@ -553,16 +575,30 @@ def plot_groups(df, out, metric="median_last5_error", label=None):
     return tables
 
 
+def workers_arms(df):
+    """The workers study's two lines: W fixed (the most common W: Figure 1's 8, the step
+    shrinking with N) and the step fixed (the most common W N: 256 images, W = 256 / N). The
+    run where they meet (N = 32, W = 8) is on both."""
+    step = df["workers"] * df["batch_size"]
+    w, images = int(df["workers"].mode().iloc[0]), int(step.mode().iloc[0])
+    return pd.concat([
+        df[df["workers"] == w].assign(series=f"BN, W = {w} workers: step of {w}N (Figure 1)"),
+        df[step == images].assign(series=f"BN, step of {images} images: W = {images}/N")],
+        ignore_index=True)
+
+
 def plot_workers(df, out, metric="median_last5_error", label=None):
-    """Error against N, a line per W (and norm): BN's per-worker statistics or per step."""
-    agg = aggregate(df, metric)
+    """BN's error against N, W fixed or the step fixed: does its degradation follow the N
+    images each worker normalizes, or the step?"""
+    agg = aggregate(workers_arms(df), metric)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.3))
     draw_panel(left, agg, "CIFAR-10, ResNet-20 (this reproduction)", "test error (%)")
     draw_panel(right, aggregate(paper_results()), "ImageNet, ResNet-50, 8 workers (paper, Table 2)",
                "validation error (%)")
     finish_figure(fig, out, "Batch size per worker or per step: BN with W workers of N images",
-                  df, label, metric, f"; {spread_note(agg)}; W = 1: BN over the step's N images; "
-                  f"W = 8: each worker's N, the step has 8N" + missing_note(df), top=0.88)
+                  df, label, metric, f"; {spread_note(agg)}; both lines: the same rate per "
+                  f"image (0.1 per 256), BN statistics over each worker's N" + missing_note(df),
+                  top=0.88)
     return agg
 
 
@@ -577,8 +613,9 @@ def parse_args(argv=None):
     p.add_argument("--label", help="text put first in the figure's provenance line")
     p.add_argument("--curves", action="store_true",
                    help="draw the training curves from the run records instead")
-    p.add_argument("--models-dir", default="models",
-                   help="run records for --curves and --study norms")
+    p.add_argument("--models-dir",
+                   help="run records for --curves (default: models) and --study norms (default: "
+                        "beside the results' models)")
     p.add_argument("--study", choices=("figure1", "norms", "groups", "workers"), default="figure1",
                    help="which figure: Figure 1 (default); norms: Figure 4 and Table 1; groups: "
                         "Table 3; workers: error against N, a line per W (train.py --profile)")
@@ -590,12 +627,14 @@ def main(argv=None):
     try:
         if args.curves:
             out = args.out or "curves.png"
-            plot_curves(read_records(args.models_dir), out, args.label)
+            plot_curves(read_records(args.models_dir or "models"), out, args.label)
         else:
             out = args.out or "plot.png"
             df = read_results(args.results, args.metric)
             if args.study == "norms":
-                table = plot_norms(df, read_records(args.models_dir), out, args.metric, args.label)
+                records = (read_records(args.models_dir) if args.models_dir
+                           else records_of(df, args.results))
+                table = plot_norms(df, records, out, args.metric, args.label)
                 print(markdown(table, ["norm", "seeds", "error", "difference", "paper (ImageNet)"]))
             elif args.study == "groups":
                 for name, table in plot_groups(df, out, args.metric, args.label).items():

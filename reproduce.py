@@ -1,6 +1,11 @@
 """Evaluate every trained model under models/ on the CIFAR-10 test set into results.csv.
 
     python reproduce.py [--models-dir models] [--out results.csv] [--data-dir DIR]
+    python reproduce.py --profile norms [--out results-norms.csv]   # a profile's runs
+
+--profile P evaluates P's folder (train.profile_paths: models/P/) and the runs P shares with
+another profile, where that one keeps them (train.provider: e.g. the norms study's BN and GN
+at N = 32 are Figure 1's, in models/): each configuration is trained once, read by all.
 
 For each models/NAME.keras (models/checkpoints/ is ignored) it reads the run record
 models/NAME.json beside it, loads the model with safe_mode=True, prepares the same
@@ -30,6 +35,7 @@ import datetime
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -64,6 +70,26 @@ class DataError(Exception):
 def find_models(models_dir):
     """The final models models_dir/NAME.keras, sorted (not the checkpoints/ subfolder)."""
     return sorted(p for p in Path(models_dir).glob("*.keras") if p.is_file())
+
+
+def shared_models(profile):
+    """The models of the runs that profile P shares with other profiles, where they are: the
+    final models of every other profile at P's scale whose run is one of P's study (any seed)."""
+    study, scale = train.PROFILES[profile]
+    fields = set(train.Config.__dataclass_fields__)
+    found = []
+    for other, (_, at) in train.PROFILES.items():
+        if other == profile or at != scale:
+            continue
+        for path in find_models(train.profile_paths(other)["models_dir"]):
+            try:
+                run = read_record(path)["config"].get("run") or {}
+                cfg = train.Config(**{k: v for k, v in run.items() if k in fields})
+            except (RunError, TypeError, ValueError):
+                continue   # not a run of this study (or unreadable: its own profile says so)
+            if replace(cfg, profile=profile) in train.grid(profile, [cfg.seed]):
+                found.append(path)
+    return found
 
 
 def read_record(model_path):
@@ -209,16 +235,27 @@ def warn(message):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models-dir", default="models", help="where train.py wrote NAME.keras")
-    p.add_argument("--out", default="results.csv", help="the CSV to write")
+    p.add_argument("--models-dir", help="where train.py wrote NAME.keras (default: models)")
+    p.add_argument("--profile", choices=list(train.PROFILES),
+                   help="a profile's runs: its folder (models/P/) and the runs it shares with "
+                        "other profiles, where they keep them (default out: results-P.csv)")
+    p.add_argument("--out", help="the CSV to write (default: results.csv, or results-P.csv)")
     p.add_argument("--data-dir", default=None,
                    help="CIFAR-10 folder, as for train.py (default: train.py's default)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.profile and args.models_dir:
+        p.error("give --profile (its folder and the runs it shares) or --models-dir, not both")
+    own = train.profile_paths(args.profile or "default")
+    args.models_dir = args.models_dir or own["models_dir"]
+    args.out = args.out or own["results"]
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     paths = find_models(args.models_dir)
+    if args.profile:
+        paths += [p for p in shared_models(args.profile) if p not in paths]
     if not paths:
         where = "does not exist" if not Path(args.models_dir).is_dir() else "has no models"
         print(f"reproduce.py: {args.models_dir} {where} (NAME.keras). Train some first: "

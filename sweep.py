@@ -117,9 +117,10 @@ def figures(profile, paths):
     if study == "figure1":
         return [[*results, "--out", paths["plot"], *metric],
                 ["--curves", "--models-dir", paths["models_dir"], "--out", paths["curves"]]]
-    if study == "norms":   # Figure 4: error curves, one line per norm, and Table 1
-        return [["--study", "norms", *results, "--models-dir", paths["models_dir"],
-                 "--out", paths["plot"], *metric]]
+    if study == "he":      # the control: its runs' curves (its error is a table in the README)
+        return [["--curves", "--models-dir", paths["models_dir"], "--out", paths["plot"]]]
+    if study == "norms":   # Figure 4: error curves (the run records of the results' rows), Table 1
+        return [["--study", "norms", *results, "--out", paths["plot"], *metric]]
     return [["--study", study, *results, "--out", paths["plot"], *metric]]
 
 
@@ -128,7 +129,10 @@ def report(args, paths):
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     label = ["--label", args.label] if args.label else []
     plots = figures(args.profile, paths)
-    commands = [["reproduce.py", "--models-dir", paths["models_dir"], "--out", paths["results"], *data]]
+    # The profile's own folder and the runs it shares with others, unless its files are the
+    # caller's own (--models-dir: that folder alone).
+    models = (["--models-dir", args.models_dir] if args.models_dir else ["--profile", args.profile])
+    commands = [["reproduce.py", *models, "--out", paths["results"], *data]]
     commands += [["plot.py", *figure, *label] for figure in plots]
     for cmd in commands:
         code = subprocess.run([sys.executable, str(HERE / cmd[0]), *map(str, cmd[1:])]).returncode

@@ -28,6 +28,7 @@ through cifar10.py, what differs per backend is in backends.py.
 import argparse
 import contextlib
 import functools
+import math
 import os
 import signal
 import statistics
@@ -78,9 +79,16 @@ import runfiles  # noqa: E402
 # train.sh, the tests and the README read these; nothing copies them.
 EPOCHS = 100                # training epochs
 LR_PER_32 = 0.1             # learning rate for 32 images per worker, linear in N: 0.1 * N / 32,
-                            #   whatever the number of workers W (the paper's rule at W = 8)
+                            #   whatever the number of workers W (the paper's rule at W = 8);
+                            #   a run may fix its rate instead (Config.learning_rate)
 LR_DROPS = (30, 60, 90)     # epochs (of EPOCHS) after which the learning rate is divided by 10;
 LR_DROP_FACTOR = 0.1        #   scaled proportionally when --epochs is not 100
+# The schedules, as (epochs of a full-length run, epochs after which the rate drops): the GN
+# paper's, and He et al.'s CIFAR-10 schedule (64k iterations of 128 images, /10 at 32k and
+# 48k) in whole epochs of the 390 steps that 50,000 images make at 128: 164 epochs = 63,960
+# iterations, /10 after epochs 82 (31,980) and 123 (47,970). Whole epochs, so that every
+# epoch is evaluated and the paper's statistic (the final 5) means the same in both.
+SCHEDULES = {"paper": (EPOCHS, LR_DROPS), "he": (164, (82, 123))}
 MOMENTUM = 0.9              # SGD momentum
 WEIGHT_DECAY = 1e-4         # on every weight, gamma and beta included (coupled, as in Caffe/Torch)
 GROUPS = 8                  # GN groups: half the smallest width (16 channels)
@@ -105,36 +113,55 @@ WORKERS = 8                       # workers W of the default sweep, the paper's 
 GROUP_COUNTS = (1, 2, 4, 8, 16)        # Table 3, top: G (at most 16, the narrowest width)
 CHANNELS_PER_GROUP = (1, 2, 4, 8, 16)  # Table 3, bottom: C / G fixed in every layer
 
-# A study is the runs of one question, as Config fields (the rest from the scale).
+STEP_IMAGES = 256           # the workers study's fixed step: W * N = 256 images at a rate of 0.1,
+                            #   the paper's step at N = 32, W = 8 (0.1 per 256 images)
+
+# A study is the runs of one question, as Config fields (the rest from the scale). A run that
+# two studies need is one configuration, trained once (see provider()).
 STUDIES = {
     "figure1": [dict(norm=n, batch_size=b) for n in ("bn", "gn") for b in BATCH_SIZES],
+    # He et al.'s own CIFAR-10 recipe on this code and data, a control of the absolute level:
+    # 128 images a step on two workers (their two GPUs), a rate of 0.1, their schedule, BN.
+    "he": [dict(norm="bn", batch_size=64, workers=2, learning_rate=0.1, schedule="he")],
     # Figure 4 and Table 1: the four normalizations at 32 images per worker.
     "norms": [dict(norm=n, batch_size=32) for n in NORMS],
-    # Table 3: GN with G groups, then with C / G channels per group.
-    "groups": [dict(norm="gn", batch_size=32, groups=g) for g in GROUP_COUNTS]
-              + [dict(norm="gn", batch_size=32, channels_per_group=c) for c in CHANNELS_PER_GROUP],
-    # BN's degradation per worker or per step: Figure 1's axis at W = 1 and at W = 8.
-    "workers": [dict(norm="bn", batch_size=b, workers=w) for w in (1, WORKERS) for b in BATCH_SIZES],
+    # BN's degradation: does it follow the N images each worker normalizes, or the step? Two
+    # arms along N: Figure 1's (W = 8 workers, the step shrinks with N), and a step held at
+    # STEP_IMAGES images and a rate of 0.1 (W = 256 / N workers, 195 steps an epoch at every N).
+    # Both keep the rate per image at 0.1 / 256; they meet at N = 32, W = 8.
+    "workers": [dict(norm="bn", batch_size=b, workers=WORKERS) for b in BATCH_SIZES]
+               + [dict(norm="bn", batch_size=b, workers=STEP_IMAGES // b, learning_rate=0.1)
+                  for b in BATCH_SIZES if STEP_IMAGES // b != WORKERS],
+    # Table 3: GN with G groups, then with C / G channels per group (G = 1 is LN, C / G = 1 is
+    # IN: the same model, so the same runs as the norms study's).
+    "groups": [dict(norm="ln", batch_size=32) if g == 1 else dict(norm="gn", batch_size=32, groups=g)
+               for g in GROUP_COUNTS]
+              + [dict(norm="in", batch_size=32) if c == 1 else
+                 dict(norm="gn", batch_size=32, channels_per_group=c) for c in CHANNELS_PER_GROUP],
 }
 # A scale: the paper's, or laptop scale (6,000 training images, 12 %, 5 epochs, 2,000 test
 # images, all class-balanced). At laptop scale W = 1 (BN over the whole step, as earlier
 # single-device reproductions) where a study does not set W: at W = 8 so few images make too
-# few steps per epoch at N = 32 to learn much (the workers study shows it).
+# few steps per epoch at N = 32 to learn much. epochs None: the full length of the run's
+# schedule (SCHEDULES: 100, or He et al.'s 164).
 SCALES = {
-    "paper": dict(epochs=EPOCHS, train_images=None, test_images=None, seeds=SEEDS, workers=WORKERS),
+    "paper": dict(epochs=None, train_images=None, test_images=None, seeds=SEEDS, workers=WORKERS),
     "quick": dict(epochs=5, train_images=6000, test_images=2000, seeds=(1,), workers=1),
 }
-# A profile is a study at a scale; "default" is Figure 1 at the paper's scale. Minutes: the
-# whole grid on 2 CPU cores, two runs at a time (this machine, `python sweep.py --profile P`).
+# A profile is a study at a scale; "default" is Figure 1 at the paper's scale. In this order a
+# run belongs to the first profile that needs it (provider()). Minutes: the whole grid on
+# 2 CPU cores, two runs at a time (this machine, `python sweep.py --profile P`).
 PROFILES = {
     "default": ("figure1", "paper"),
     "quick": ("figure1", "quick"),              # about 16-30 minutes
+    "he": ("he", "paper"),
+    "he-quick": ("he", "quick"),                # about 2 minutes
     "norms": ("norms", "paper"),
-    "norms-quick": ("norms", "quick"),          # about 8 minutes
-    "groups": ("groups", "paper"),
-    "groups-quick": ("groups", "quick"),        # about 18 minutes
+    "norms-quick": ("norms", "quick"),          # about 8 minutes (BN and GN: the quick profile's)
     "workers": ("workers", "paper"),
     "workers-quick": ("workers", "quick"),      # about 20 minutes
+    "groups": ("groups", "paper"),
+    "groups-quick": ("groups", "quick"),        # about 14 minutes (G = 8, LN, IN: provided)
 }
 PREEMPTED = 75              # exit status after a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL)
 # ---------------------------------------------------------------------------
@@ -145,7 +172,7 @@ class Config:
     norm: str = "gn"
     batch_size: int = 32
     seed: int = 1
-    epochs: int = EPOCHS
+    epochs: int | None = None         # None: the full length of the schedule (100, or He's 164)
     groups: int = GROUPS              # GN's G (ln: 1, in: one per channel, whatever this says)
     workers: int = 1                  # W: a step takes W * batch_size images (see WORKERS)
     train_images: int | None = None   # class-balanced subset of the training set; None = all
@@ -154,46 +181,86 @@ class Config:
     jit_compile: bool = False         # XLA (GPU option; Keras' "auto" would turn it on there)
     mixed_precision: bool = False     # mixed_float16 (GPU option; GN and BN keep float32 stats)
     channels_per_group: int | None = None   # GN: C / G fixed in every layer instead of G
+    learning_rate: float | None = None      # a fixed rate instead of 0.1 * N / 32 (None: the rule)
+    schedule: str = "paper"           # SCHEDULES: the GN paper's, or He et al.'s ("he")
+
+    def __post_init__(self):
+        # One configuration, one form: a fixed rate equal to the rule's is the rule (so the
+        # workers study's N = 32, W = 8 run is Figure 1's), and epochs default to the schedule's.
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule should be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.learning_rate is not None and math.isclose(self.learning_rate, self.rule_lr):
+            object.__setattr__(self, "learning_rate", None)
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", SCHEDULES[self.schedule][0])
 
     @property
     def name(self):
-        """e.g. bn_b4_w8_s1; gn_g4_b32_s1 (G = 4), gn_c2_b32_s1 (2 channels per group)."""
+        """e.g. bn_b4_w8_s1; gn_g4_b32_s1 (G = 4), gn_c2_b32_s1 (2 channels per group);
+        bn_b2_w128_lr0.1_s1 (a fixed rate), bn_b64_w2_lr0.1_he_s1 (He et al.'s schedule)."""
         norm = self.norm
         if self.norm == "gn" and self.channels_per_group:
             norm += f"_c{self.channels_per_group}"
         elif self.norm == "gn" and self.groups != GROUPS:
             norm += f"_g{self.groups}"
         workers = f"_w{self.workers}" if self.workers > 1 else ""
-        return f"{norm}_b{self.batch_size}{workers}_s{self.seed}"
+        rate = f"_lr{self.learning_rate:g}" if self.learning_rate is not None else ""
+        schedule = f"_{self.schedule}" if self.schedule != "paper" else ""
+        return f"{norm}_b{self.batch_size}{workers}{rate}{schedule}_s{self.seed}"
 
     @property
-    def lr(self):
+    def rule_lr(self):
         # Per worker: the paper's 0.1 * N / 32 at W = 8 (0.1 per 256 images, Goyal et al.'s
         # reference), earlier reproductions' at W = 1; along Figure 1's axis, for any fixed W,
         # the rate stays proportional to the step's W * N images (the linear scaling rule).
         return LR_PER_32 * self.batch_size / 32
 
     @property
+    def lr(self):
+        """The run's learning rate before the drops: learning_rate if fixed, else the rule."""
+        return self.rule_lr if self.learning_rate is None else self.learning_rate
+
+    @property
     def lr_drops(self):
-        """Epoch boundaries of the schedule, scaled from LR_DROPS to self.epochs."""
-        return [max(1, round(d * self.epochs / EPOCHS)) for d in LR_DROPS]
+        """Epoch boundaries of the schedule, scaled from its full length to self.epochs."""
+        full, drops = SCHEDULES[self.schedule]
+        return [max(1, round(d * self.epochs / full)) for d in drops]
 
 
-def base_config(profile="default", seeds=None):
+def base_config(profile="default", seeds=None, **fields):
     """The Config of the profile's scale before a study sets its runs' fields (seed: the
-    first one): what a single run (--norm ..., no --task) starts from."""
+    first one): what a single run (--norm ..., no --task) starts from; fields: a study's."""
     s = SCALES[PROFILES[profile][1]]
-    return Config(epochs=s["epochs"], workers=s["workers"], train_images=s["train_images"],
-                  test_images=s["test_images"], profile=profile, seed=(seeds or s["seeds"])[0])
+    scale = dict(epochs=s["epochs"], workers=s["workers"], train_images=s["train_images"],
+                 test_images=s["test_images"], profile=profile, seed=(seeds or s["seeds"])[0])
+    return Config(**(scale | fields))
 
 
 def grid(profile="default", seeds=None):
     """The profile's runs, seed-major: all of seed 1's study in STUDIES order, then seed 2's...
     seeds: other seeds than the scale's (--seeds), e.g. a spread at laptop scale."""
     study, scale = PROFILES[profile]
-    base = base_config(profile)
-    return [replace(base, **run, seed=seed) for seed in (seeds or SCALES[scale]["seeds"])
-            for run in STUDIES[study]]
+    runs = [base_config(profile, **run, seed=seed)
+            for seed in (seeds or SCALES[scale]["seeds"]) for run in STUDIES[study]]
+    return list(dict.fromkeys(runs))   # a study may name one configuration twice (workers)
+
+
+def provider(cfg):
+    """The profile that trains cfg: the first of PROFILES at cfg's scale whose study has the
+    same configuration (cfg's own profile if none before it). One configuration, one run:
+    a study finds the runs it shares with another where that one keeps them."""
+    scale = PROFILES[cfg.profile][1]
+    for profile, (study, at) in PROFILES.items():
+        if at == scale and replace(cfg, profile=profile) in grid(profile, [cfg.seed]):
+            return profile
+    return cfg.profile
+
+
+def paper_runs():
+    """Every paper-scale run the paper's questions need, each configuration once (the union
+    of the paper-scale profiles' grids, each entry where its provider keeps it)."""
+    runs = [c for p, (_, scale) in PROFILES.items() if scale == "paper" for c in grid(p)]
+    return list(dict.fromkeys(replace(c, profile=provider(c)) for c in runs))
 
 
 def profile_paths(profile, args=None):
@@ -531,9 +598,14 @@ def median_last5(history):
 
 def finish(paths, model, data, cfg, state, devices, loop):
     test_loss, test_error = evaluate(model, data)
+    step = cfg.batch_size * cfg.workers
+    steps = cifar10.steps_per_epoch(len(data.y_train), step)
     record = {
         "name": cfg.name, "status": "finished",
         "config": {"run": asdict(cfg), "lr": cfg.lr, "lr_drops": cfg.lr_drops,
+                   "schedule": cfg.schedule, "step_images": step, "steps_per_epoch": steps,
+                   "lr_drop_steps": [d * steps for d in cfg.lr_drops],
+                   "steps": steps * cfg.epochs,
                    "lr_drop_factor": LR_DROP_FACTOR, "momentum": MOMENTUM,
                    "weight_decay": WEIGHT_DECAY, "bn_momentum": BN_MOMENTUM, "epsilon": EPSILON,
                    "norm": cfg.norm, "groups": cfg.groups,
@@ -681,7 +753,13 @@ def parse_args(argv=None):
                      help=f"W workers of N images per step, BN statistics per worker "
                           f"(default: the profile's; {WORKERS} at the paper's scale)")
     run.add_argument("--seed", type=int)
-    run.add_argument("--epochs", type=int, help=f"training epochs (default {EPOCHS})")
+    run.add_argument("--epochs", type=int,
+                     help=f"training epochs (default: the schedule's, {EPOCHS} for the paper's)")
+    run.add_argument("--learning-rate", type=float,
+                     help="a fixed learning rate before the drops, instead of 0.1 * N / 32")
+    run.add_argument("--schedule", choices=list(SCHEDULES),
+                     help="the GN paper's (100 epochs, /10 after 30, 60, 90; default) or He et "
+                          "al.'s (164 epochs, /10 after 82 and 123)")
     run.add_argument("--groups", type=int, help=f"GroupNorm groups (default {GROUPS})")
     run.add_argument("--channels-per-group", type=int,
                      help="GroupNorm with this many channels per group in every layer, instead "
@@ -733,6 +811,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        p.error(f"--learning-rate must be positive, got {args.learning_rate}")
     return p, args
 
 
@@ -751,8 +831,10 @@ def resolve(p, args):
         cfg = base_config(profile, args.seeds)
     overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "workers", "seed", "epochs",
                                                "groups", "channels_per_group", "train_images",
-                                               "test_images")
+                                               "test_images", "learning_rate", "schedule")
                  if getattr(args, k) is not None}
+    if args.schedule and args.epochs is None and SCALES[PROFILES[profile][1]]["epochs"] is None:
+        overrides["epochs"] = None               # the new schedule's full length
     if args.groups is not None:
         overrides["channels_per_group"] = None   # G given: fixed groups, not a group size
     if args.channels_per_group is not None:
@@ -774,17 +856,24 @@ def resolve(p, args):
 
 
 def print_grid(profile, seeds=None):
-    """One line per entry: index, name, its arguments (train.sh and gpu.sh read the columns)."""
+    """One line per entry: index, name, its arguments (train.sh and gpu.sh read the columns),
+    and "# provided by Q" where an earlier profile Q trains the same configuration."""
     entries = grid(profile, seeds)
     study, scale = PROFILES[profile]
+    providers = [provider(c) for c in entries]
+    shared = sum(p != profile for p in providers)
     print(f"# {len(entries)} runs, profile {profile}: study {study} "
-          f"({len(STUDIES[study])} runs) x {len(seeds or SCALES[scale]['seeds'])} seeds, "
-          f"scale {scale}")
-    for i, c in enumerate(entries):
+          f"({len(dict.fromkeys(replace(c, seed=1) for c in entries))} runs) x "
+          f"{len(seeds or SCALES[scale]['seeds'])} seeds, scale {scale}"
+          + (f"; {shared} provided by another profile (trained there, once)" if shared else ""))
+    for i, (c, by) in enumerate(zip(entries, providers)):
         group = (f" --channels-per-group {c.channels_per_group}" if c.channels_per_group
                  else f" --groups {c.groups}" if c.norm == "gn" and c.groups != GROUPS else "")
+        rate = f" --learning-rate {c.learning_rate:g}" if c.learning_rate is not None else ""
+        schedule = f" --schedule {c.schedule}" if c.schedule != "paper" else ""
+        mark = f" # provided by {by}" if by != profile else ""
         print(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} --workers {c.workers} "
-              f"--seed {c.seed}{group}")
+              f"--seed {c.seed}{group}{rate}{schedule}{mark}")
 
 
 def main(argv=None, stop=None):
@@ -799,6 +888,12 @@ def main(argv=None, stop=None):
     if args.tasks is not None:
         p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
     cfg = resolve(p, args)
+    by = provider(cfg)
+    if by != cfg.profile and args.models_dir is None and args.logs_dir is None:
+        # One configuration, one run: where the profile that provides it keeps it.
+        print(f"{cfg.name}: provided by profile {by}: its run, in "
+              f"{profile_paths(by)['models_dir']}/", flush=True)
+        cfg = replace(cfg, profile=by)
     paths = profile_paths(cfg.profile, args)
     return train(cfg, args.data_dir, paths["models_dir"], paths["logs_dir"], args.force,
                  stop=stop, devices=args.devices, loop=args.loop)

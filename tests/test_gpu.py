@@ -77,5 +77,5 @@ def test_an_unknown_profile_stops_before_any_gpu_time_is_spent(tree, tmp_path):
     result = subprocess.run(["bash", str(tree / "gpu.sh"), "60"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
-    assert "gpu.sh: no profile 'norm': one of ['default', 'quick', 'norms'" in result.stdout
+    assert "gpu.sh: no profile 'norm': one of ['default', 'quick', 'he', 'he-quick'" in result.stdout
     assert "sweep loop" not in result.stdout

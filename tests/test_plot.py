@@ -343,9 +343,11 @@ def test_cli_groups_writes_the_figure_and_prints_both_tables(groups_csv, tmp_pat
     assert "| 1 | 1 | 50.00 | +15.00 | 28.4 |" in printed   # C / G = 1 (IN): 49 + 1 vs 34 + 1
 
 
-def test_workers_study_draws_a_line_per_w(tmp_path, monkeypatch):
-    rows = [study_row("bn", 1, 30 + w + 32 / n, batch_size=n, workers=w)
-            for w in (1, 8) for n in (32, 16, 8, 4, 2)]
+def test_workers_study_draws_both_arms_through_their_common_run(tmp_path, monkeypatch):
+    """W = 8 with the step shrinking (Figure 1's BN), and the step held at 256 images with
+    W = 256 / N; the N = 32, W = 8 run is on both lines."""
+    rows = [study_row("bn", 1, 10 + 32 / n, batch_size=n, workers=8) for n in (32, 16, 8, 4, 2)]
+    rows += [study_row("bn", 1, 20 + 32 / n, batch_size=n, workers=256 // n) for n in (16, 8, 4, 2)]
     path = tmp_path / "results.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     drawn = {}
@@ -353,7 +355,7 @@ def test_workers_study_draws_a_line_per_w(tmp_path, monkeypatch):
         {line.get_label(): (line.get_ydata().tolist(), line.get_linestyle())
          for line in fig.axes[0].get_lines()}))
     plot.plot_workers(plot.read_results(path, "test_error"), "x.png", "test_error")
-    assert drawn["BN, 1 worker"] == ([32.0, 33.0, 35.0, 39.0, 47.0], "-")
-    assert drawn["BN, 8 workers"] == ([39.0, 40.0, 42.0, 46.0, 54.0], "--")
+    assert drawn["BN, W = 8 workers: step of 8N (Figure 1)"] == ([11.0, 12.0, 14.0, 18.0, 26.0], "-")
+    assert drawn["BN, step of 256 images: W = 256/N"] == ([11.0, 22.0, 24.0, 28.0, 36.0], "--")
     assert plot.main(["--study", "workers", "--results", str(path), "--out",
                       str(tmp_path / "w.png")]) == 0

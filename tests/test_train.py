@@ -236,24 +236,30 @@ def test_study_grids():
     names = {p: [c.name for c in train.grid(p)] for p in train.PROFILES}
     assert names["norms-quick"] == ["bn_b32_s1", "gn_b32_s1", "ln_b32_s1", "in_b32_s1"]
     assert names["norms"][:4] == ["bn_b32_w8_s1", "gn_b32_w8_s1", "ln_b32_w8_s1", "in_b32_w8_s1"]
-    assert names["groups-quick"] == [f"gn_g{g}_b32_s1" for g in (1, 2, 4)] + ["gn_b32_s1"] + \
-        ["gn_g16_b32_s1"] + [f"gn_c{c}_b32_s1" for c in (1, 2, 4, 8, 16)]
-    assert names["workers-quick"] == [f"bn_b{n}{w}_s1" for w in ("", "_w8")
-                                      for n in (32, 16, 8, 4, 2)]
-    assert [len(names[p]) for p in ("norms", "groups", "workers")] == [12, 30, 30]
+    # G = 1 is LN and C / G = 1 is IN: the same model, named (and trained) as the norms study's
+    assert names["groups-quick"] == ["ln_b32_s1"] + [f"gn_g{g}_b32_s1" for g in (2, 4)] + \
+        ["gn_b32_s1", "gn_g16_b32_s1", "in_b32_s1"] + [f"gn_c{c}_b32_s1" for c in (2, 4, 8, 16)]
+    assert names["workers-quick"] == [f"bn_b{n}_w8_s1" for n in (32, 16, 8, 4, 2)] + \
+        ["bn_b16_w16_lr0.1_s1", "bn_b8_w32_lr0.1_s1", "bn_b4_w64_lr0.1_s1", "bn_b2_w128_lr0.1_s1"]
+    assert names["he-quick"] == ["bn_b64_w2_lr0.1_he_s1"]
+    assert [len(names[p]) for p in ("he", "norms", "groups", "workers")] == [3, 12, 30, 27]
     for p, entries in names.items():
         assert len(set(entries)) == len(entries), p
         study, scale = train.PROFILES[p]
-        assert all(c.profile == p and c.epochs == train.SCALES[scale]["epochs"]
+        full = 164 if study == "he" else 100
+        assert all(c.profile == p and c.epochs == (train.SCALES[scale]["epochs"] or full)
                    for c in train.grid(p))
     groups = train.grid("groups-quick")
-    assert [(c.groups, c.channels_per_group) for c in groups[3:6]] == [(8, None), (16, None), (8, 1)]
+    assert [(c.norm, c.groups, c.channels_per_group) for c in groups[3:7]] == \
+        [("gn", 8, None), ("gn", 16, None), ("in", 8, None), ("gn", 8, 2)]
 
 
 def test_grid_cli_names_each_entrys_group_division():
     out = run_train("--grid", "--profile", "groups-quick").stdout.splitlines()
-    assert out[0] == "# 10 runs, profile groups-quick: study groups (10 runs) x 1 seeds, scale quick"
-    assert out[1] == "0 gn_g1_b32_s1 --norm gn --batch-size 32 --workers 1 --seed 1 --groups 1"
+    assert out[0] == ("# 10 runs, profile groups-quick: study groups (10 runs) x 1 seeds, scale "
+                      "quick; 3 provided by another profile (trained there, once)")
+    assert out[1] == "0 ln_b32_s1 --norm ln --batch-size 32 --workers 1 --seed 1 # provided by norms-quick"
+    assert out[2] == "1 gn_g2_b32_s1 --norm gn --batch-size 32 --workers 1 --seed 1 --groups 2"
     assert out[-1] == ("9 gn_c16_b32_s1 --norm gn --batch-size 32 --workers 1 --seed 1 "
                        "--channels-per-group 16")
 
@@ -270,6 +276,8 @@ def test_channels_per_group_and_groups_on_the_command_line():
     assert cfg("--profile", "groups", "--norm", "gn", "--batch-size", "32").name == "gn_b32_w8_s1"
     assert cfg("--profile", "workers", "--norm", "bn", "--batch-size", "4").workers == 8
     assert cfg("--profile", "groups-quick", "--task", "2", "--channels-per-group", "2").groups == 8
+    assert cfg("--profile", "groups-quick", "--task", "1", "--channels-per-group", "2").name == \
+        "gn_c2_b32_s1"
 
 
 def test_records_and_checkpoints_from_before_channels_per_group_still_match(tmp_path):

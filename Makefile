@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BVENV := .venv-backends
 
-.PHONY: quick quick-jpeg studies-quick norms-quick groups-quick workers-quick test test-tf \
+.PHONY: quick quick-jpeg studies-quick he-quick norms-quick groups-quick workers-quick test test-tf \
 	test-backends slurm-deps clean-venv
 
 # The runtime (what the main job needs), then the test dependencies on top of it.
@@ -32,10 +32,10 @@ $(BVENV)/.stamp: requirements-backends.txt requirements-jax.txt
 # The studies beyond Figure 1 at the same scale, each into its own files the same way
 # (models/norms-quick/, results-norms-quick.csv, plot-norms-quick.png, ...).
 # SEEDS="1 2 3" runs the grid with those seeds (a spread) instead of the profile's one.
-quick norms-quick groups-quick workers-quick: $(VENV)/.stamp-run
+quick he-quick norms-quick groups-quick workers-quick: $(VENV)/.stamp-run
 	$(BIN)/python train.py --profile $@ $(if $(LABEL),--label "$(LABEL)") $(if $(SEEDS),--seeds "$(SEEDS)")
 
-studies-quick: norms-quick groups-quick workers-quick
+studies-quick: he-quick norms-quick workers-quick groups-quick
 
 # The main job on a machine without network that holds the JPEG copy of CIFAR-10 beside
 # the checkout (../shared/data): convert it (with pillow) into JPEG_DIR, then `quick` on it

@@ -7,6 +7,7 @@ need no backend, and each file stands on the ones below it (train.py and sweep.p
     p, args = recipe.parse_args(["--task", "3"]); recipe.resolve(p, args)
 """
 import argparse
+import ast
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,10 +190,18 @@ def _ints(text):
     return [int(t) for t in text.replace(",", " ").split()]
 
 
+def train_usage():
+    """train.py's docstring, whose first line and examples are the help's (read from the file:
+    importing train.py would start Keras)."""
+    return ast.get_docstring(ast.parse(Path(__file__).with_name("train.py").read_text()),
+                             clean=False)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    doc = train_usage().splitlines()
+    p = argparse.ArgumentParser(description=doc[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[3:13]))
+                                epilog="\n".join(doc[3:13]))
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")

@@ -1,5 +1,5 @@
-"""ResNet-20 with BatchNorm, GroupNorm, LayerNorm or InstanceNorm on CIFAR-10: the recipe,
-the grids of the studies, the ResNet builder, and one resumable run with its command line.
+"""ResNet-20 with BatchNorm, GroupNorm, LayerNorm or InstanceNorm on CIFAR-10: the ResNet
+builder and one resumable run with its command line (the recipe and the grids: recipe.py).
 
     python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
     python train.py --norm bn --batch-size 4 --workers 8 # 8 workers of 4 images per step
@@ -23,18 +23,22 @@ of the current compiled call (IMAGES_PER_EXECUTION images of steps under fit,
 IMAGES_PER_SCAN under JAX's scan loop), then exits with status 75; rerunning the same
 command resumes and ends with the same weights as an uninterrupted run (resumed on other
 --devices: up to float rounding). Files are written through runfiles.py, the data read
-through cifar10.py, what differs per backend is in backends.py.
+through cifar10.py, what differs per backend is in backends.py. What needs no backend
+(--help, --grid, a whole profile, a run without its data) is done before Keras starts.
 """
 import contextlib
 import functools
 import os
+import signal
 import statistics
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import cifar10    # NumPy only, as are recipe.py and runfiles.py: no backend starts before
+import runfiles   # before_backend() has decided that one is needed
+import startup    # (before Keras: its start-up chatter off)
 from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py, bench.py)
     StopOnSignal, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY, GROUPS,
     BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION, IMAGES_PER_SCAN, THREADS,
@@ -43,19 +47,58 @@ from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py
     resolve, print_grid,
 )
 
+HERE = Path(__file__).resolve().parent
+SWEEP_SIGNALS = StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)   # sweep.py's
+
+
+def before_backend(argv=None, stop=None):
+    """The command line, as far as it needs no Keras backend: --help and --grid print and exit;
+    a whole profile is handed over to sweep.py (hand_over: this process becomes it); a run
+    whose data cannot be found says so, once, and exits with status 1 (a finished run needs
+    none). Otherwise (args, cfg, paths) of the one run asked for."""
+    p, args = parse_args(argv)
+    if args.grid:
+        print_grid(args.profile or "default", args.seeds)
+        sys.exit(0)
+    if args.profile and all(getattr(args, k) is None for k in ("task", "norm", "batch_size", "seed")):
+        hand_over(sys.argv[1:] if argv is None else argv, stop)
+    if args.tasks is not None:
+        p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
+    cfg = resolve(p, args)
+    paths = profile_paths(cfg.profile, args)
+    run = runfiles.Paths(paths["models_dir"], paths["logs_dir"], cfg.name)
+    if args.force or not runfiles.finished_record(run, asdict(cfg), asdict(Config())):
+        cifar10.require(args.data_dir)
+    return args, cfg, paths
+
+
+def hand_over(argv, stop=None):
+    """Become `python sweep.py ARGV`, the one local runner of a grid (an exec: train.py does not
+    import sweep.py, which stands on recipe.py). The signals that sweep.py handles are held
+    (blocked, which exec keeps) until it has installed its handlers, so that one sent in
+    between is not lost; one that came before (stop) exits with PREEMPTED at once."""
+    if getattr(stop, "requested", None):
+        print(f"stopped by {stop.requested} before the sweep started; run the same command again",
+              flush=True)
+        sys.exit(PREEMPTED)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SWEEP_SIGNALS)
+    os.execv(sys.executable, [sys.executable, str(HERE / "sweep.py"), *map(str, argv)])
+
 
 if __name__ == "__main__":
     # Installed before the slow imports below, so that a signal during start-up is not fatal.
     _STOP = StopOnSignal().__enter__()
+    _RUN = before_backend(stop=_STOP)
 
 
-import keras  # noqa: E402
+with startup.quiet():
+    import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import backends  # noqa: E402
-import cifar10  # noqa: E402
 import layer  # noqa: E402  (registers the normalization layers for loading)
-import runfiles  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -491,22 +534,13 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
 
 
 
-def main(argv=None, stop=None):
-    p, args = parse_args(argv)
+def main(argv=None, stop=None, run=None):
+    """One run of the command line (run: before_backend's answer, where it was asked already)."""
+    args, cfg, paths = run or before_backend(argv, stop)
     backends.set_threads(args.threads)
-    if args.grid:
-        print_grid(args.profile or "default", args.seeds)
-        return 0
-    if args.profile and all(getattr(args, k) is None for k in ("task", "norm", "batch_size", "seed")):
-        import sweep   # the whole grid: the one local runner
-        return sweep.main(argv, outer=stop)
-    if args.tasks is not None:
-        p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
-    cfg = resolve(p, args)
-    paths = profile_paths(cfg.profile, args)
     return train(cfg, args.data_dir, paths["models_dir"], paths["logs_dir"], args.force,
                  stop=stop, devices=args.devices, loop=args.loop)
 
 
 if __name__ == "__main__":
-    sys.exit(main(stop=_STOP))
+    sys.exit(main(stop=_STOP, run=_RUN))

@@ -61,12 +61,14 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND",
                       "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 PIN = "BENCH_PIN_CPUS"   # bench.py backends --cpus: a worker's cores, e.g. "0"
 if os.environ.get(PIN):   # pinned before any library starts a thread: every thread inherits it
     os.sched_setaffinity(0, [int(c) for c in os.environ[PIN].split(",")])
 
-import keras  # noqa: E402
+import startup  # noqa: E402  (before Keras: its start-up chatter off)
+
+with startup.quiet():
+    import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 FEATURE_MAPS = [(32, 32, 16), (16, 16, 32), (8, 8, 64)]  # ResNet-20's three stages
@@ -455,7 +457,7 @@ class Worker:
 
     def __init__(self, backend, python, argv, cpus=None):
         self.backend, self.python = backend, python
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        env = dict(os.environ, KERAS_BACKEND=backend)
         env.pop(PIN, None)
         if cpus:
             env[PIN] = ",".join(map(str, cpus))

@@ -83,6 +83,15 @@ def locate(data_dir=None, download=True):
     return root
 
 
+def require(data_dir=None):
+    """locate(data_dir), or exit with its message and status 1, without a traceback: what
+    the runners (sweep.py, train.py) ask once, before any run or backend starts."""
+    try:
+        return locate(data_dir)
+    except (OSError, RuntimeError, ValueError) as e:   # not found, download or tarball failed
+        raise SystemExit(f"error: {e}") from None
+
+
 def _not_found(root, where, why):
     lines = [f"CIFAR-10 not found: no {FOLDER}/ or {TARBALL} in {root} ({where}).",
              "Looked, in order, at: the data_dir argument, $CIFAR10_DIR, the Keras cache "

@@ -33,14 +33,14 @@ the bad ones are listed at the end and the exit status is 1.
 import argparse
 import datetime
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import startup  # (before Keras: its start-up chatter off)
 
-import keras  # noqa: E402
+with startup.quiet():
+    import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 

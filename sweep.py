@@ -9,12 +9,14 @@
 
 Each grid entry runs as its own `python train.py --task I --profile P [options]`, JOBS
 at a time (default: one per core on a CPU, one with a GPU), smallest batches first (they
-take longest); their output is relayed line by line. A failed entry does not stop the
+take longest); their output is relayed line by line. CIFAR-10 is looked for (and, in
+the Keras cache, fetched) once before any entry starts: without it the sweep says where it
+looked and what to do, once, and exits with status 1. A failed entry does not stop the
 others; the failures are listed at the end and the exit status is 1. SIGINT (Ctrl-C),
 SIGTERM or SIGUSR1 asks every running entry to checkpoint (SIGUSR1, at the end of its
-current compiled call) and the sweep exits with status 75 (train.PREEMPTED); the same
+current compiled call) and the sweep exits with status 75 (recipe.PREEMPTED); the same
 command resumes. When every entry has finished: reproduce.py writes the profile's
-results file and plot.py its figures (train.profile_paths: results.csv, plot.png and
+results file and plot.py its figures (recipe.profile_paths: results.csv, plot.png and
 curves.png for the paper's profile; results-P.csv, plot-P.png, curves-P.png otherwise,
 and the figure of the profile's study where it has one).
 
@@ -30,8 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-import backends
-import train
+import cifar10
+import recipe
 
 HERE = Path(__file__).resolve().parent
 
@@ -72,7 +74,7 @@ def _relay(proc):
 
 def run_entries(commands, jobs, stop, label="sweep"):
     """Run {task: argv} as subprocesses, `jobs` at a time, in the dict's order; an exit status:
-    0, 1 if any failed (the others still run), train.PREEMPTED once `stop` is requested
+    0, 1 if any failed (the others still run), recipe.PREEMPTED once `stop` is requested
     (each running one gets SIGUSR1, checkpoints and exits; no new one starts)."""
     order, running, failed, signalled = list(commands), [], [], set()
     while order or running:
@@ -95,7 +97,7 @@ def run_entries(commands, jobs, stop, label="sweep"):
         for entry in [r for r in running if r[1].poll() is not None]:
             running.remove(entry)
             entry[2].join()
-            if entry[1].returncode not in (0, train.PREEMPTED if stop.requested else 0):
+            if entry[1].returncode not in (0, recipe.PREEMPTED if stop.requested else 0):
                 failed.append((entry[0], entry[1].returncode))
     for task, code in failed:
         print(f"{label}: grid entry {task} failed (exit status {code}; see its output above)",
@@ -103,16 +105,16 @@ def run_entries(commands, jobs, stop, label="sweep"):
     if stop.requested:
         print(f"{label}: stopped by {stop.requested}; run the same command again to resume",
               flush=True)
-        return train.PREEMPTED
+        return recipe.PREEMPTED
     return 1 if failed else 0
 
 
 def figures(profile, paths):
     """plot.py's arguments for the figures of a profile's report (sweep.py runs them)."""
-    study, scale = train.PROFILES[profile]
+    study, scale = recipe.PROFILES[profile]
     # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
     # epochs those 5 include its first ones, so a reduced scale plots the final error.
-    metric = [] if train.SCALES[scale]["epochs"] >= 20 else ["--metric", "test_error"]
+    metric = [] if recipe.SCALES[scale]["epochs"] >= 20 else ["--metric", "test_error"]
     results = ["--results", paths["results"]]
     if study == "figure1":
         return [[*results, "--out", paths["plot"], *metric],
@@ -144,17 +146,18 @@ def report(args, paths):
 def sweep(args, stop):
     """Every entry of args.tasks (default: the whole grid) of args.profile, then the report."""
     start = time.perf_counter()
-    entries = train.grid(args.profile, args.seeds)
+    entries = recipe.grid(args.profile, args.seeds)
     tasks = args.tasks if args.tasks is not None else list(range(len(entries)))
     tasks = sorted(tasks, key=lambda i: entries[i].batch_size)   # longest runs first
     jobs = args.jobs or default_jobs(args.threads)
+    cifar10.require(args.data_dir)   # once, here: not once per entry, with a traceback each
     print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
     commands = {t: [sys.executable, "-u", str(HERE / "train.py"), "--task", str(t), *forwarded(args)]
                 for t in tasks}
     code = run_entries(commands, jobs, stop, label=f"profile {args.profile}")
     if code:
         return code
-    paths = train.profile_paths(args.profile, args)
+    paths = recipe.profile_paths(args.profile, args)
     code, outputs = report(args, paths)
     if code == 0:
         print(f"profile {args.profile}: done in {(time.perf_counter() - start) / 60:.1f} min: "
@@ -166,10 +169,9 @@ SCALE_OPTIONS = ("epochs", "workers", "train_images", "test_images")
 OWN_FILES = ("models_dir", "results", "plot")
 
 
-def main(argv=None, stop=None, outer=None):
-    """train.py's command line (one source of its options), for a whole grid. outer: a stop
-    flag installed before this process's imports (train.py's), whose signal counts too."""
-    p, args = train.parse_args(argv)
+def main(argv=None, stop=None):
+    """train.py's command line (one source of its options: recipe.py), for a whole grid."""
+    p, args = recipe.parse_args(argv)
     args.profile = args.profile or "default"
     singles = [f"--{k.replace('_', '-')}" for k in ("task", "norm", "batch_size", "seed", "groups",
                                                     "channels_per_group")
@@ -177,7 +179,7 @@ def main(argv=None, stop=None, outer=None):
     if singles:
         p.error(f"{' '.join(singles)}: a sweep runs every entry of the grid as it is defined; "
                 f"for one run use python train.py (e.g. --task I)")
-    n = len(train.grid(args.profile, args.seeds))
+    n = len(recipe.grid(args.profile, args.seeds))
     outside = [t for t in args.tasks or [] if not 0 <= t < n]
     if outside:
         p.error(f"--tasks {' '.join(map(str, outside))}: outside the {args.profile} grid "
@@ -185,17 +187,18 @@ def main(argv=None, stop=None, outer=None):
     scale = [f"--{k.replace('_', '-')}" for k in SCALE_OPTIONS if getattr(args, k) is not None]
     default = [f"--{k.replace('_', '-')}" for k in OWN_FILES if getattr(args, k) is None]
     if scale and default:
-        paths = train.profile_paths(args.profile)
+        paths = recipe.profile_paths(args.profile)
         p.error(f"{' '.join(scale)} changes the {args.profile} profile's scale: give "
                 f"{' '.join(default)} of your own too, so that its files "
                 f"({', '.join(paths[k] for k in OWN_FILES)}) are not replaced")
-    backends.set_threads(args.threads)
     if stop is None:
         # SIGINT: the runs have their own process group, Ctrl-C reaches this process alone;
         # SIGHUP (the terminal closed): they would lose their output, so they checkpoint too.
-        signals = train.StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)
-        with train.StopOnSignal(signals) as stop:
-            stop.requested = getattr(outer, "requested", None)
+        signals = recipe.StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)
+        with recipe.StopOnSignal(signals) as stop:
+            # train.py hands a whole profile over with these blocked (train.hand_over): one
+            # that came meanwhile is delivered now, to the handler just installed.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             return sweep(args, stop)
     return sweep(args, stop)
 

@@ -1,5 +1,5 @@
-"""ResNet-20 with BatchNorm, GroupNorm, LayerNorm or InstanceNorm on CIFAR-10: the recipe,
-the grids of the studies, the ResNet builder, and one resumable run with its command line.
+"""ResNet-20 with BatchNorm, GroupNorm, LayerNorm or InstanceNorm on CIFAR-10: the ResNet
+builder and one resumable run with its command line (the recipe and the grids: recipe.py).
 
     python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
     python train.py --norm bn --batch-size 4 --workers 8 # 8 workers of 4 images per step
@@ -23,263 +23,88 @@ of the current compiled call (IMAGES_PER_EXECUTION images of steps under fit,
 IMAGES_PER_SCAN under JAX's scan loop), then exits with status 75; rerunning the same
 command resumes and ends with the same weights as an uninterrupted run (resumed on other
 --devices: up to float rounding). Files are written through runfiles.py, the data read
-through cifar10.py, what differs per backend is in backends.py.
+through cifar10.py, what differs per backend is in backends.py. What needs no backend
+(--help, --grid, a whole profile, a run without its data) is done before Keras starts.
 """
-import argparse
 import contextlib
 import functools
-import math
 import os
 import signal
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import cifar10    # NumPy only, as are recipe.py and runfiles.py: no backend starts before
+import runfiles   # before_backend() has decided that one is needed
+import startup    # (before Keras: its start-up chatter off)
+from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py, bench.py)
+    StopOnSignal, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY, GROUPS,
+    BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION, IMAGES_PER_SCAN, THREADS,
+    NORMS, BATCH_SIZES, SEEDS, WORKERS, GROUP_COUNTS, CHANNELS_PER_GROUP, STUDIES, SCALES,
+    PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES, Config, base_config, grid, provider, paper_runs,
+    profile_paths, check_groups, parse_args, resolve, print_grid,
+)
+
+HERE = Path(__file__).resolve().parent
+SWEEP_SIGNALS = StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)   # sweep.py's
 
 
-class StopOnSignal:
-    """SIGUSR1/SIGTERM (or `signals`) ask the run to stop at the end of the current compiled
-    call (a context manager; `requested` names the signal once one came)."""
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+def before_backend(argv=None, stop=None):
+    """The command line, as far as it needs no Keras backend: --help and --grid print and exit;
+    a whole profile is handed over to sweep.py (hand_over: this process becomes it); a run
+    whose data cannot be found says so, once, and exits with status 1 (a finished run needs
+    none). Otherwise (args, cfg, paths) of the one run asked for."""
+    p, args = parse_args(argv)
+    if args.grid:
+        print_grid(args.profile or "default", args.seeds)
+        sys.exit(0)
+    if args.profile and all(getattr(args, k) is None for k in ("task", "norm", "batch_size", "seed")):
+        hand_over(sys.argv[1:] if argv is None else argv, stop)
+    if args.tasks is not None:
+        p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
+    cfg = resolve(p, args)
+    by = provider(cfg)
+    if by != cfg.profile and args.models_dir is None and args.logs_dir is None:
+        # One configuration, one run: where the profile that provides it keeps it.
+        print(f"{cfg.name}: provided by profile {by}: its run, in "
+              f"{profile_paths(by)['models_dir']}/", flush=True)
+        cfg = replace(cfg, profile=by)
+    paths = profile_paths(cfg.profile, args)
+    run = runfiles.Paths(paths["models_dir"], paths["logs_dir"], cfg.name)
+    if args.force or not runfiles.finished_record(run, asdict(cfg), asdict(Config())):
+        cifar10.require(args.data_dir)
+    return args, cfg, paths
 
-    def __init__(self, signals=SIGNALS):
-        self.requested, self.signals = None, signals
 
-    def handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-        print(f"received {self.requested}: checkpointing at the end of the current call", flush=True)
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def hand_over(argv, stop=None):
+    """Become `python sweep.py ARGV`, the one local runner of a grid (an exec: train.py does not
+    import sweep.py, which stands on recipe.py). The signals that sweep.py handles are held
+    (blocked, which exec keeps) until it has installed its handlers, so that one sent in
+    between is not lost; one that came before (stop) exits with PREEMPTED at once."""
+    if getattr(stop, "requested", None):
+        print(f"stopped by {stop.requested} before the sweep started; run the same command again",
+              flush=True)
+        sys.exit(PREEMPTED)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SWEEP_SIGNALS)
+    os.execv(sys.executable, [sys.executable, str(HERE / "sweep.py"), *map(str, argv)])
 
 
 if __name__ == "__main__":
     # Installed before the slow imports below, so that a signal during start-up is not fatal.
     _STOP = StopOnSignal().__enter__()
+    _RUN = before_backend(stop=_STOP)
 
 
-import keras  # noqa: E402
+with startup.quiet():
+    import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import backends  # noqa: E402
-import cifar10  # noqa: E402
 import layer  # noqa: E402  (registers the normalization layers for loading)
-import runfiles  # noqa: E402
-
-# ---------------------------------------------------------------------------
-# The recipe (Wu & He 2018, Sec. 6.1, on He et al. 2015, Sec. 4.2) and the sweep grid.
-# train.sh, the tests and the README read these; nothing copies them.
-EPOCHS = 100                # training epochs
-LR_PER_32 = 0.1             # learning rate for 32 images per worker, linear in N: 0.1 * N / 32,
-                            #   whatever the number of workers W (the paper's rule at W = 8);
-                            #   a run may fix its rate instead (Config.learning_rate)
-LR_DROPS = (30, 60, 90)     # epochs (of EPOCHS) after which the learning rate is divided by 10;
-LR_DROP_FACTOR = 0.1        #   scaled proportionally when --epochs is not 100
-# The schedules, as (epochs of a full-length run, epochs after which the rate drops): the GN
-# paper's, and He et al.'s CIFAR-10 schedule (64k iterations of 128 images, /10 at 32k and
-# 48k) in whole epochs of the 390 steps that 50,000 images make at 128: 164 epochs = 63,960
-# iterations, /10 after epochs 82 (31,980) and 123 (47,970). Whole epochs, so that every
-# epoch is evaluated and the paper's statistic (the final 5) means the same in both.
-SCHEDULES = {"paper": (EPOCHS, LR_DROPS), "he": (164, (82, 123))}
-MOMENTUM = 0.9              # SGD momentum
-WEIGHT_DECAY = 1e-4         # on every weight, gamma and beta included (coupled, as in Caffe/Torch)
-GROUPS = 8                  # GN groups: half the smallest width (16 channels)
-BN_MOMENTUM = 0.9           # BN moving-average momentum (torch's 0.1 in Keras' convention)
-EPSILON = 1e-5              # BN and GN epsilon, as in the paper's implementation and torch
-EVAL_BATCH_SIZE = 1000      # evaluation batch (inference mode, so it does not change the result)
-IMAGES_PER_EXECUTION = 64   # images per compiled call of fit: small batches run several steps
-IMAGES_PER_SCAN = 8192      # images per compiled call of the JAX scan loop (--loop scan): few
-                            #   calls per epoch, so a GPU is not bound by per-call dispatch
-THREADS = 1                 # intra-op threads per process (TensorFlow, XLA on CPU, torch) (0: one per core): on a CPU,
-                            #   small batches are op-overhead bound, and one thread halves their
-                            #   CPU time per image (python bench.py train); more cores serve
-                            #   more runs at once (train.sh's array tasks). Fixed, so that a
-                            #   result does not depend on the machine's core count.
-
-NORMS = ("bn", "gn", "ln", "in")  # ln: GN with one group (layer.GroupNormalization(groups=1)),
-                                  #   in: one channel per group (groups=-1, instance norm)
-BATCH_SIZES = (32, 16, 8, 4, 2)   # images per worker, Figure 1's x axis
-SEEDS = (1, 2, 3)                 # three seeds, so the figure can show the spread
-WORKERS = 8                       # workers W of the default sweep, the paper's 8 GPUs: a step
-                                  #   takes W * N images, BN normalizes each N on its own
-GROUP_COUNTS = (1, 2, 4, 8, 16)        # Table 3, top: G (at most 16, the narrowest width)
-CHANNELS_PER_GROUP = (1, 2, 4, 8, 16)  # Table 3, bottom: C / G fixed in every layer
-
-STEP_IMAGES = 256           # the workers study's fixed step: W * N = 256 images at a rate of 0.1,
-                            #   the paper's step at N = 32, W = 8 (0.1 per 256 images)
-
-# A study is the runs of one question, as Config fields (the rest from the scale). A run that
-# two studies need is one configuration, trained once (see provider()).
-STUDIES = {
-    "figure1": [dict(norm=n, batch_size=b) for n in ("bn", "gn") for b in BATCH_SIZES],
-    # He et al.'s own CIFAR-10 recipe on this code and data, a control of the absolute level:
-    # 128 images a step on two workers (their two GPUs), a rate of 0.1, their schedule, BN.
-    "he": [dict(norm="bn", batch_size=64, workers=2, learning_rate=0.1, schedule="he")],
-    # Figure 4 and Table 1: the four normalizations at 32 images per worker.
-    "norms": [dict(norm=n, batch_size=32) for n in NORMS],
-    # BN's degradation: does it follow the N images each worker normalizes, or the step? Two
-    # arms along N: Figure 1's (W = 8 workers, the step shrinks with N), and a step held at
-    # STEP_IMAGES images and a rate of 0.1 (W = 256 / N workers, 195 steps an epoch at every N).
-    # Both keep the rate per image at 0.1 / 256; they meet at N = 32, W = 8.
-    "workers": [dict(norm="bn", batch_size=b, workers=WORKERS) for b in BATCH_SIZES]
-               + [dict(norm="bn", batch_size=b, workers=STEP_IMAGES // b, learning_rate=0.1)
-                  for b in BATCH_SIZES if STEP_IMAGES // b != WORKERS],
-    # Table 3: GN with G groups, then with C / G channels per group (G = 1 is LN, C / G = 1 is
-    # IN: the same model, so the same runs as the norms study's).
-    "groups": [dict(norm="ln", batch_size=32) if g == 1 else dict(norm="gn", batch_size=32, groups=g)
-               for g in GROUP_COUNTS]
-              + [dict(norm="in", batch_size=32) if c == 1 else
-                 dict(norm="gn", batch_size=32, channels_per_group=c) for c in CHANNELS_PER_GROUP],
-}
-# A scale: the paper's, or laptop scale (6,000 training images, 12 %, 5 epochs, 2,000 test
-# images, all class-balanced). At laptop scale W = 1 (BN over the whole step, as earlier
-# single-device reproductions) where a study does not set W: at W = 8 so few images make too
-# few steps per epoch at N = 32 to learn much. epochs None: the full length of the run's
-# schedule (SCHEDULES: 100, or He et al.'s 164).
-SCALES = {
-    "paper": dict(epochs=None, train_images=None, test_images=None, seeds=SEEDS, workers=WORKERS),
-    "quick": dict(epochs=5, train_images=6000, test_images=2000, seeds=(1,), workers=1),
-}
-# A profile is a study at a scale; "default" is Figure 1 at the paper's scale. In this order a
-# run belongs to the first profile that needs it (provider()). Minutes: the whole grid on
-# 2 CPU cores, two runs at a time (this machine, `python sweep.py --profile P`).
-PROFILES = {
-    "default": ("figure1", "paper"),
-    "quick": ("figure1", "quick"),              # about 16-30 minutes
-    "he": ("he", "paper"),
-    "he-quick": ("he", "quick"),                # about 2 minutes
-    "norms": ("norms", "paper"),
-    "norms-quick": ("norms", "quick"),          # about 8 minutes (BN and GN: the quick profile's)
-    "workers": ("workers", "paper"),
-    "workers-quick": ("workers", "quick"),      # about 20 minutes
-    "groups": ("groups", "paper"),
-    "groups-quick": ("groups", "quick"),        # about 14 minutes (G = 8, LN, IN: provided)
-}
-PREEMPTED = 75              # exit status after a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL)
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Config:
-    norm: str = "gn"
-    batch_size: int = 32
-    seed: int = 1
-    epochs: int | None = None         # None: the full length of the schedule (100, or He's 164)
-    groups: int = GROUPS              # GN's G (ln: 1, in: one per channel, whatever this says)
-    workers: int = 1                  # W: a step takes W * batch_size images (see WORKERS)
-    train_images: int | None = None   # class-balanced subset of the training set; None = all
-    test_images: int | None = None    # class-balanced subset of the test set; None = all
-    profile: str = "default"
-    jit_compile: bool = False         # XLA (GPU option; Keras' "auto" would turn it on there)
-    mixed_precision: bool = False     # mixed_float16 (GPU option; GN and BN keep float32 stats)
-    channels_per_group: int | None = None   # GN: C / G fixed in every layer instead of G
-    learning_rate: float | None = None      # a fixed rate instead of 0.1 * N / 32 (None: the rule)
-    schedule: str = "paper"           # SCHEDULES: the GN paper's, or He et al.'s ("he")
-
-    def __post_init__(self):
-        # One configuration, one form: a fixed rate equal to the rule's is the rule (so the
-        # workers study's N = 32, W = 8 run is Figure 1's), and epochs default to the schedule's.
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule should be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if self.learning_rate is not None and math.isclose(self.learning_rate, self.rule_lr):
-            object.__setattr__(self, "learning_rate", None)
-        if self.epochs is None:
-            object.__setattr__(self, "epochs", SCHEDULES[self.schedule][0])
-
-    @property
-    def name(self):
-        """e.g. bn_b4_w8_s1; gn_g4_b32_s1 (G = 4), gn_c2_b32_s1 (2 channels per group);
-        bn_b2_w128_lr0.1_s1 (a fixed rate), bn_b64_w2_lr0.1_he_s1 (He et al.'s schedule)."""
-        norm = self.norm
-        if self.norm == "gn" and self.channels_per_group:
-            norm += f"_c{self.channels_per_group}"
-        elif self.norm == "gn" and self.groups != GROUPS:
-            norm += f"_g{self.groups}"
-        workers = f"_w{self.workers}" if self.workers > 1 else ""
-        rate = f"_lr{self.learning_rate:g}" if self.learning_rate is not None else ""
-        schedule = f"_{self.schedule}" if self.schedule != "paper" else ""
-        return f"{norm}_b{self.batch_size}{workers}{rate}{schedule}_s{self.seed}"
-
-    @property
-    def rule_lr(self):
-        # Per worker: the paper's 0.1 * N / 32 at W = 8 (0.1 per 256 images, Goyal et al.'s
-        # reference), earlier reproductions' at W = 1; along Figure 1's axis, for any fixed W,
-        # the rate stays proportional to the step's W * N images (the linear scaling rule).
-        return LR_PER_32 * self.batch_size / 32
-
-    @property
-    def lr(self):
-        """The run's learning rate before the drops: learning_rate if fixed, else the rule."""
-        return self.rule_lr if self.learning_rate is None else self.learning_rate
-
-    @property
-    def lr_drops(self):
-        """Epoch boundaries of the schedule, scaled from its full length to self.epochs."""
-        full, drops = SCHEDULES[self.schedule]
-        return [max(1, round(d * self.epochs / full)) for d in drops]
-
-
-def base_config(profile="default", seeds=None, **fields):
-    """The Config of the profile's scale before a study sets its runs' fields (seed: the
-    first one): what a single run (--norm ..., no --task) starts from; fields: a study's."""
-    s = SCALES[PROFILES[profile][1]]
-    scale = dict(epochs=s["epochs"], workers=s["workers"], train_images=s["train_images"],
-                 test_images=s["test_images"], profile=profile, seed=(seeds or s["seeds"])[0])
-    return Config(**(scale | fields))
-
-
-def grid(profile="default", seeds=None):
-    """The profile's runs, seed-major: all of seed 1's study in STUDIES order, then seed 2's...
-    seeds: other seeds than the scale's (--seeds), e.g. a spread at laptop scale."""
-    study, scale = PROFILES[profile]
-    runs = [base_config(profile, **run, seed=seed)
-            for seed in (seeds or SCALES[scale]["seeds"]) for run in STUDIES[study]]
-    return list(dict.fromkeys(runs))   # a study may name one configuration twice (workers)
-
-
-def provider(cfg):
-    """The profile that trains cfg: the first of PROFILES at cfg's scale whose study has the
-    same configuration (cfg's own profile if none before it). One configuration, one run:
-    a study finds the runs it shares with another where that one keeps them."""
-    scale = PROFILES[cfg.profile][1]
-    for profile, (study, at) in PROFILES.items():
-        if at == scale and replace(cfg, profile=profile) in grid(profile, [cfg.seed]):
-            return profile
-    return cfg.profile
-
-
-def paper_runs():
-    """Every paper-scale run the paper's questions need, each configuration once (the union
-    of the paper-scale profiles' grids, each entry where its provider keeps it)."""
-    runs = [c for p, (_, scale) in PROFILES.items() if scale == "paper" for c in grid(p)]
-    return list(dict.fromkeys(replace(c, profile=provider(c)) for c in runs))
-
-
-def profile_paths(profile, args=None):
-    """Where a profile's files go: models/, logs/, results.csv, plot.png, curves.png for the
-    paper's Figure 1; models/P/, logs/P/, results-P.csv, plot-P.png, curves-P.png for
-    another profile P. args (the command line) may override each (None: the default)."""
-    suffix = "" if profile == "default" else f"-{profile}"
-    sub = "" if profile == "default" else f"/{profile}"
-    paths = {"models_dir": f"models{sub}", "logs_dir": f"logs{sub}",
-             "results": f"results{suffix}.csv", "plot": f"plot{suffix}.png",
-             "curves": f"curves{suffix}.png"}
-    for key in paths:
-        if getattr(args, key, None) is not None:
-            paths[key] = str(getattr(args, key))
-    if getattr(args, "plot", None) is not None:   # --plot x/plot-a.png: x/curves-a.png beside it
-        plot = Path(args.plot)
-        paths["curves"] = str(plot.with_name(plot.name.replace("plot", "curves", 1)
-                                             if "plot" in plot.name else f"{plot.stem}-curves.png"))
-    return paths
 
 
 # ---------------------------------------------------------------------------
@@ -336,11 +161,6 @@ def _block(x, filters, strides, norm_layer, name):
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([x, y]))
 
 
-def check_groups(groups, what="groups"):
-    """groups (or channels_per_group, named by `what`) should divide 16, 32 and 64."""
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or 16 % groups:
-        raise ValueError(f"{what} should divide every stage's width (16, 32, 64), "
-                         f"i.e. be 1, 2, 4, 8 or 16; got {groups!r}")
 
 
 def _positive(value):
@@ -723,181 +543,15 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
     return 0
 
 
-# ---------------------------------------------------------------------------
-# Command line.
-
-def _ints(text):
-    """'0 3 5' or '0,3,5' -> [0, 3, 5] (argparse names the option if this raises)."""
-    return [int(t) for t in text.replace(",", " ").split()]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[3:13]))
-    what = p.add_argument_group("what to run")
-    what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
-    what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
-    what.add_argument("--profile", choices=list(PROFILES),
-                      help="a study at a scale (PROFILES); alone, runs its whole grid, then "
-                           "reproduce.py and plot.py (sweep.py) (default: Figure 1 at the paper's "
-                           "scale)")
-    what.add_argument("--tasks", type=_ints, help="(whole profile) only these grid entries, e.g. '0 3 5'")
-    what.add_argument("--seeds", type=_ints,
-                      help="the grid with these seeds instead of the profile's, e.g. '1 2 3' "
-                           "(give it to --grid and --task alike: it renumbers the grid)")
-    run = p.add_argument_group("one run (override the profile's or the grid entry's settings)")
-    run.add_argument("--norm", choices=NORMS)
-    run.add_argument("--batch-size", type=int, help="images per worker, N")
-    run.add_argument("--workers", type=int,
-                     help=f"W workers of N images per step, BN statistics per worker "
-                          f"(default: the profile's; {WORKERS} at the paper's scale)")
-    run.add_argument("--seed", type=int)
-    run.add_argument("--epochs", type=int,
-                     help=f"training epochs (default: the schedule's, {EPOCHS} for the paper's)")
-    run.add_argument("--learning-rate", type=float,
-                     help="a fixed learning rate before the drops, instead of 0.1 * N / 32")
-    run.add_argument("--schedule", choices=list(SCHEDULES),
-                     help="the GN paper's (100 epochs, /10 after 30, 60, 90; default) or He et "
-                          "al.'s (164 epochs, /10 after 82 and 123)")
-    run.add_argument("--groups", type=int, help=f"GroupNorm groups (default {GROUPS})")
-    run.add_argument("--channels-per-group", type=int,
-                     help="GroupNorm with this many channels per group in every layer, instead "
-                          "of a fixed number of groups")
-    run.add_argument("--train-images", type=int, help="class-balanced subset of K training images")
-    run.add_argument("--test-images", type=int, help="class-balanced subset of the test images")
-    io = p.add_argument_group("files")
-    io.add_argument("--data-dir", help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz "
-                                       "(default: $CIFAR10_DIR, else the Keras cache, downloading)")
-    io.add_argument("--models-dir", help="default: models/, or models/P/ for a profile P other "
-                                         "than the paper's Figure 1 (profile_paths)")
-    io.add_argument("--logs-dir", help="default: logs/, or logs/P/")
-    io.add_argument("--results", help="(whole profile) results file (default: results.csv, or "
-                                      "results-P.csv)")
-    io.add_argument("--plot", help="(whole profile) figure file (default: plot.png, or "
-                                   "plot-P.png; curves-P.png beside it)")
-    io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
-                                    "e.g. 'CIFAR-10 (JPEG copy)'")
-    p.add_argument("--devices", type=int,
-                   help="K devices (GPUs): TensorFlow's MirroredStrategy or JAX's DataParallel, "
-                        "each holding W / K workers: the same experiment (default: as many "
-                        "visible GPUs as divide W)")
-    p.add_argument("--force", action="store_true", help="retrain a finished run, drop a checkpoint")
-    p.add_argument("--loop", choices=("auto", "fit", "scan"), default="auto",
-                   help="training loop: model.fit, or (JAX) several steps fused per compiled call "
-                        "(backends.ScanLoop); auto: scan on JAX with a GPU, fit elsewhere")
-    p.add_argument("--jobs", type=int, help="(whole profile) runs at a time (default: one per "
-                                            "core on a CPU, 1 with a GPU)")
-    p.add_argument("--threads", type=int, default=THREADS,
-                   help=f"intra-op threads per process (TensorFlow, XLA on a CPU, torch), "
-                        f"0 = one per core "
-                        f"(default {THREADS}: see THREADS in train.py)")
-    gpu = p.add_argument_group("speed options for GPUs (off by default; see python bench.py train)")
-    gpu.add_argument("--jit-compile", action="store_true",
-                     help="compile the training step with XLA (TensorFlow; JAX always does)")
-    gpu.add_argument("--mixed-precision", action="store_true",
-                     help="mixed_float16: float16 convolutions, float32 weights, normalization "
-                          "statistics and logits, loss scaling")
-    args = p.parse_args(argv)
-    if args.threads < 0:
-        p.error(f"--threads must be 0 (one per core) or a positive integer, got {args.threads}")
-    if args.seeds is not None and (not args.seeds or min(args.seeds) < 0
-                                   or len(set(args.seeds)) < len(args.seeds)):
-        p.error(f"--seeds should be distinct non-negative integers, got {args.seeds}")
-    if args.groups is not None and args.channels_per_group is not None:
-        p.error("give --groups or --channels-per-group, not both")
-    for name in ("batch_size", "workers", "devices", "epochs", "groups", "channels_per_group",
-                 "train_images", "test_images", "jobs"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        p.error(f"--learning-rate must be positive, got {args.learning_rate}")
-    return p, args
-
-
-def resolve(p, args):
-    """The Config that the arguments ask for: grid entry or profile defaults, then overrides."""
-    profile = args.profile or "default"
-    entries = grid(profile, args.seeds)
-    if args.task is not None:
-        if not 0 <= args.task < len(entries):
-            p.error(f"--task {args.task} is outside the {profile} grid (0-{len(entries) - 1}); "
-                    f"see python train.py --grid --profile {profile}")
-        cfg = entries[args.task]
-    else:
-        if args.norm is None or args.batch_size is None:
-            p.error("give --norm and --batch-size (and --seed), or --task I, or --profile alone")
-        cfg = base_config(profile, args.seeds)
-    overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "workers", "seed", "epochs",
-                                               "groups", "channels_per_group", "train_images",
-                                               "test_images", "learning_rate", "schedule")
-                 if getattr(args, k) is not None}
-    if args.schedule and args.epochs is None and SCALES[PROFILES[profile][1]]["epochs"] is None:
-        overrides["epochs"] = None               # the new schedule's full length
-    if args.groups is not None:
-        overrides["channels_per_group"] = None   # G given: fixed groups, not a group size
-    if args.channels_per_group is not None:
-        overrides["groups"] = GROUPS             # C / G given: G is not the run's setting
-    overrides |= {k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)}
-    cfg = replace(cfg, **overrides)
-    if cfg.channels_per_group is not None and cfg.norm != "gn":
-        p.error(f"--channels-per-group is GN's setting; this run's norm is {cfg.norm}")
-    for name in ("groups", "channels_per_group"):
-        try:
-            if getattr(cfg, name) is not None:
-                check_groups(getattr(cfg, name), name)
-        except ValueError as e:
-            p.error(f"--{name.replace('_', '-')}: {e}")
-    if args.devices and cfg.workers % args.devices:
-        p.error(f"--devices {args.devices} should divide the workers W = {cfg.workers} "
-                f"(each device holds W / K workers)")
-    return cfg
-
-
-def print_grid(profile, seeds=None):
-    """One line per entry: index, name, its arguments (train.sh and gpu.sh read the columns),
-    and "# provided by Q" where an earlier profile Q trains the same configuration."""
-    entries = grid(profile, seeds)
-    study, scale = PROFILES[profile]
-    providers = [provider(c) for c in entries]
-    shared = sum(p != profile for p in providers)
-    print(f"# {len(entries)} runs, profile {profile}: study {study} "
-          f"({len(dict.fromkeys(replace(c, seed=1) for c in entries))} runs) x "
-          f"{len(seeds or SCALES[scale]['seeds'])} seeds, scale {scale}"
-          + (f"; {shared} provided by another profile (trained there, once)" if shared else ""))
-    for i, (c, by) in enumerate(zip(entries, providers)):
-        group = (f" --channels-per-group {c.channels_per_group}" if c.channels_per_group
-                 else f" --groups {c.groups}" if c.norm == "gn" and c.groups != GROUPS else "")
-        rate = f" --learning-rate {c.learning_rate:g}" if c.learning_rate is not None else ""
-        schedule = f" --schedule {c.schedule}" if c.schedule != "paper" else ""
-        mark = f" # provided by {by}" if by != profile else ""
-        print(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} --workers {c.workers} "
-              f"--seed {c.seed}{group}{rate}{schedule}{mark}")
-
-
-def main(argv=None, stop=None):
-    p, args = parse_args(argv)
+def main(argv=None, stop=None, run=None):
+    """One run of the command line (run: before_backend's answer, where it was asked already)."""
+    args, cfg, paths = run or before_backend(argv, stop)
     backends.set_threads(args.threads)
-    if args.grid:
-        print_grid(args.profile or "default", args.seeds)
-        return 0
-    if args.profile and all(getattr(args, k) is None for k in ("task", "norm", "batch_size", "seed")):
-        import sweep   # the whole grid: the one local runner
-        return sweep.main(argv, outer=stop)
-    if args.tasks is not None:
-        p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
-    cfg = resolve(p, args)
-    by = provider(cfg)
-    if by != cfg.profile and args.models_dir is None and args.logs_dir is None:
-        # One configuration, one run: where the profile that provides it keeps it.
-        print(f"{cfg.name}: provided by profile {by}: its run, in "
-              f"{profile_paths(by)['models_dir']}/", flush=True)
-        cfg = replace(cfg, profile=by)
-    paths = profile_paths(cfg.profile, args)
     return train(cfg, args.data_dir, paths["models_dir"], paths["logs_dir"], args.force,
                  stop=stop, devices=args.devices, loop=args.loop)
 
 
 if __name__ == "__main__":
-    sys.exit(main(stop=_STOP))
+    sys.exit(main(stop=_STOP, run=_RUN))

@@ -127,17 +127,18 @@ def test_shared_runs_belong_to_the_first_profile_that_needs_them():
     assert train.provider(replace(norms[0], epochs=3)) == "norms-quick"
 
 
-def test_a_provided_task_trains_in_its_providers_folder(monkeypatch):
+def test_a_provided_task_trains_in_its_providers_folder(monkeypatch, cifar_dir):
     seen = {}
     monkeypatch.setattr(train, "train", lambda cfg, data, models, logs, *a, **k: seen.update(
         cfg=cfg, models=models, logs=logs) or 0)
-    assert train.main(["--profile", "norms", "--task", "5"]) == 0   # gn_b32_w8_s2
+    data = ["--data-dir", str(cifar_dir)]
+    assert train.main(["--profile", "norms", "--task", "5", *data]) == 0   # gn_b32_w8_s2
     assert (seen["cfg"].name, seen["cfg"].profile) == ("gn_b32_w8_s2", "default")
     assert (seen["models"], seen["logs"]) == ("models", "logs")
-    assert train.main(["--profile", "norms", "--task", "6"]) == 0   # ln: the norms study's own
+    assert train.main(["--profile", "norms", "--task", "6", *data]) == 0   # ln: the norms study's own
     assert (seen["cfg"].profile, seen["models"]) == ("norms", "models/norms")
     # the caller's own folders: that run there, nothing shared
-    assert train.main(["--profile", "norms", "--task", "5", "--models-dir", "x"]) == 0
+    assert train.main(["--profile", "norms", "--task", "5", "--models-dir", "x", *data]) == 0
     assert (seen["cfg"].profile, seen["models"]) == ("norms", "x")
 
 

@@ -1,6 +1,7 @@
 """sweep.py, the one local runner of a grid: every entry as its own process, JOBS at a time,
 a failure does not stop the rest, a signal checkpoints every running entry, arguments reach
-each entry; the whole main job end to end is test_train.py's and test_slurm.py's."""
+each entry, a signal that comes while train.py hands over is kept; the whole main job end to
+end is test_train.py's and test_slurm.py's (and the missing data's, test_faults.py's)."""
 import subprocess
 import sys
 import threading
@@ -30,6 +31,12 @@ def fake(task, code=0, seconds=0.0):
               f"time.sleep({seconds})\n"
               f"sys.exit({code})")
     return [sys.executable, "-c", script]
+
+
+@pytest.fixture
+def data_found(monkeypatch):
+    """The sweep's one look for CIFAR-10 answered yes (these tests fake the runs too)."""
+    monkeypatch.setattr(sweep.cifar10, "require", lambda data_dir=None: data_dir)
 
 
 def ran(capsys):
@@ -82,7 +89,8 @@ def test_a_stop_signals_the_running_entries_and_starts_no_more(capsys):
     assert "profile x: stopped by SIGINT; run the same command again to resume" in out
 
 
-def test_each_entry_gets_the_sweeps_arguments_in_the_order_of_its_batch_size(monkeypatch):
+def test_each_entry_gets_the_sweeps_arguments_in_the_order_of_its_batch_size(monkeypatch,
+                                                                              data_found):
     seen = {}
     monkeypatch.setattr(sweep, "run_entries",
                         lambda commands, jobs, stop, label: seen.update(commands=commands,
@@ -137,7 +145,7 @@ def test_each_profile_has_its_own_files(profile, expected):
     assert train.profile_paths(profile, args)["curves"] == "out/curves-x.png"
 
 
-def test_seeds_renumber_the_grid_and_reach_every_entry(monkeypatch):
+def test_seeds_renumber_the_grid_and_reach_every_entry(monkeypatch, data_found):
     assert [c.name for c in train.grid("norms-quick", seeds=[2, 3])][3:5] == ["in_b32_s2", "bn_b32_s3"]
     cfg = train.resolve(*train.parse_args(["--profile", "quick", "--seeds", "2 3", "--task", "12"]))
     assert cfg.name == "bn_b8_s3"
@@ -156,12 +164,27 @@ def test_bad_seeds_are_refused(seeds, capsys):
     assert "--seeds should be distinct non-negative integers" in capsys.readouterr().err
 
 
-def test_an_outer_stop_before_the_sweep_starts_nothing(capsys):
-    outer = Stop()
-    outer.requested = "SIGTERM"   # arrived during train.py's imports
-    assert sweep.main(["--profile", "quick"], outer=outer) == train.PREEMPTED
-    out = capsys.readouterr().out
-    assert "stopped by SIGTERM" in out and "train.py --task" not in out
+def test_a_stop_before_the_hand_over_starts_nothing(capsys):
+    """A signal during train.py's imports (its StopOnSignal saw it): no sweep.py at all."""
+    stop = Stop()
+    stop.requested = "SIGTERM"
+    with pytest.raises(SystemExit) as e:
+        train.hand_over(["--profile", "quick"], stop)
+    assert e.value.code == train.PREEMPTED and "stopped by SIGTERM" in capsys.readouterr().out
+
+
+def test_a_signal_during_the_hand_over_is_kept_and_starts_nothing(cifar_dir):
+    """train.py execs sweep.py with its signals blocked: one sent in between stays pending and
+    reaches sweep.py's handler once installed (not SIGTERM's default, which would kill it)."""
+    script = ("import os, signal, sys\n"
+              "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+              "os.kill(os.getpid(), signal.SIGTERM)   # pending, as if sent during the exec\n"
+              f"os.execv(sys.executable, [sys.executable, {str(REPO / 'sweep.py')!r}, "
+              f"'--profile', 'quick', '--data-dir', {str(cifar_dir)!r}])")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == train.PREEMPTED, result.stderr
+    assert "stopped by SIGTERM" in result.stdout and "train.py --task" not in result.stdout
 
 
 def test_no_gpu_is_seen_without_nvidia_smi(monkeypatch):

@@ -1,0 +1,64 @@
+"""Library start-up chatter off, for every command of the repository: the scripts that start
+a Keras backend (train.py, reproduce.py, bench.py) import it through here.
+
+    import startup
+    with startup.quiet():
+        import keras
+
+On a CPU machine TensorFlow starts with lines that read like failures and are none:
+`E0000 ... failed call to cuInit: ... UNKNOWN ERROR (303)` (no GPU), `I0000 ... oneDNN custom
+operations are on`, `I0000 ... Could not find cuda drivers`, each after `WARNING: All log
+messages before absl::InitializeLog() is called are written to STDERR`. The first is TF's
+own C++ logging, which TF_CPP_MIN_LOG_LEVEL=3 turns off (2 keeps errors, and this line is
+one); the others are printed through absl before TensorFlow sets absl up, which no variable
+reaches, so quiet() drops those lines (absl's I and W lines, and its WARNING line) from the
+process's stderr while the library is imported. Both only where the user has not set
+TF_CPP_MIN_LOG_LEVEL: their own value wins, and with it every line comes through. JAX and
+PyTorch print nothing at start-up on a CPU. Python's own warnings and errors always pass.
+"""
+import contextlib
+import os
+import re
+import sys
+import threading
+
+DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "3"}   # TensorFlow's and XLA's C++ logs: none below FATAL
+# absl's lines before absl::InitializeLog(): the announcement, then I (info) and W (warning)
+# lines such as `I0000 00:00:1796161653.199293    3008 port.cc:153] oneDNN ...`.
+CHATTER = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\)|"
+                     rb"[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w./-]+:\d+\] ")
+_USERS = {k: k in os.environ for k in DEFAULTS}   # what the user set, before our defaults
+for _key, _value in DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+
+def _relay(read_fd, write_fd):
+    """Copy lines from read_fd to write_fd until EOF, dropping CHATTER."""
+    with os.fdopen(read_fd, "rb") as lines:
+        for line in lines:
+            if not CHATTER.match(line):
+                os.write(write_fd, line)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Within the block, absl's start-up lines are dropped from stderr (file descriptor 2,
+    where C++ writes); everything else written there passes. A no-op where the user set
+    TF_CPP_MIN_LOG_LEVEL, or TensorFlow has started already."""
+    if _USERS["TF_CPP_MIN_LOG_LEVEL"] or "tensorflow" in sys.modules:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    relay = threading.Thread(target=_relay, args=(read_fd, saved), daemon=True)
+    relay.start()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)   # the pipe's last writer is gone: the relay reads to EOF and ends
+        relay.join()
+        os.close(saved)

@@ -395,8 +395,8 @@ def plot_curves(records, out, label=None):
     """One panel per norm, one line per batch size (Figure 5 of the paper)."""
     table = curves(records)
     norms = list(dict.fromkeys(table.norm))
-    fig, axes = plt.subplots(1, len(norms), figsize=(5 * len(norms), 4), sharey=True,
-                             squeeze=False)
+    width = max(5 * len(norms), 10)   # one panel (a control's runs): room for the titles
+    fig, axes = plt.subplots(1, len(norms), figsize=(width, 4), sharey=True, squeeze=False)
     sizes = sorted(set(table.batch_size), reverse=True)
     colours = plt.cm.viridis(np.linspace(0, 0.85, len(sizes)))
     many_workers = table.workers.nunique() > 1
@@ -416,7 +416,8 @@ def plot_curves(records, out, label=None):
     fig.suptitle("Training curves: test error per epoch, by batch size per worker",
                  fontsize=12, y=0.985)
     runs = pd.DataFrame(records).assign(norm=lambda d: d.norm.str.lower())
-    fig.text(0.5, 0.93, _wrapped(f"{provenance(runs, label, 'line')}, {len(records)} runs"),
+    fig.text(0.5, 0.93, _wrapped(f"{provenance(runs, label, 'line')}, {len(records)} runs",
+                                 width=15 * width),
              ha="center", va="top", fontsize=8.5, color="0.25", linespacing=1.4)
     fig.tight_layout()
     fig.subplots_adjust(top=0.78)

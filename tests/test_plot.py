@@ -226,6 +226,13 @@ def test_cli_curves(models_dir, tmp_path):
     assert len(fig_lines) == 3
 
 
+def test_curves_of_one_norm_keep_room_for_the_titles(tmp_path):
+    write_record(tmp_path, "bn", 64, 1, [60, 50, 40], workers=2)   # a control's one run
+    out = tmp_path / "curves.png"
+    assert plot.main(["--curves", "--models-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert png_size(out) == (1500, 600)                 # one panel, still 10 x 4 inches
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "no run records (NAME.json)"),
     (lambda d: (d / "bn_b8_s1.json").write_text("{oops"), "bn_b8_s1.json: not a run record"),

@@ -450,7 +450,8 @@ def finish(paths, model, data, cfg, state, devices, loop):
 
 def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False, progress=None,
           stop=None, devices=None, loop="auto"):
-    """Run (or resume) one configuration; return the process exit status (0, or PREEMPTED).
+    """Run (or resume) one configuration; return the process exit status (0, PREEMPTED, or
+    runfiles.BUSY where another process is training the same run: its lock, runfiles.RunLock).
 
     devices: K, to train on K devices (see backends.pick_devices); the result is the same
     experiment. loop: "fit" (model.fit), "scan" (JAX only: backends.ScanLoop), or "auto"
@@ -458,14 +459,26 @@ def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False,
     """
     loop = resolve_loop(loop)
     paths = runfiles.Paths(models_dir, logs_dir, cfg.name)
-    if not force and runfiles.finished_record(paths, asdict(cfg), asdict(Config())):
+
+    def finished():
+        if force or not runfiles.finished_record(paths, asdict(cfg), asdict(Config())):
+            return False
         print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
+        return True
+    if finished():
         return 0
-    progress = sys.stdout.isatty() if progress is None else progress
-    if stop is None:
-        with StopOnSignal() as stop:
-            return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
-    return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
+    with runfiles.RunLock(paths) as lock:
+        if not lock.held:
+            print(f"{cfg.name}: {lock.holder} is training this run (it holds {paths.lock}); "
+                  f"exiting with status {runfiles.BUSY}", file=sys.stderr, flush=True)
+            return runfiles.BUSY
+        if finished():   # by the process that held the lock a moment ago
+            return 0
+        progress = sys.stdout.isatty() if progress is None else progress
+        if stop is None:
+            with StopOnSignal() as stop:
+                return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
+        return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
 
 
 def resolve_loop(loop):

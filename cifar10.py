@@ -94,8 +94,8 @@ def require(data_dir=None):
 
 def _not_found(root, where, why):
     lines = [f"CIFAR-10 not found: no {FOLDER}/ or {TARBALL} in {root} ({where}).",
-             "Looked, in order, at: the data_dir argument, $CIFAR10_DIR, the Keras cache "
-             f"({cache_dir()}); the first one set is used."]
+             "Looked, in order, at: --data-dir (the data_dir argument), $CIFAR10_DIR, the Keras "
+             f"cache ({cache_dir()}); the first one set is used."]
     if why:
         lines.append(f"The cache is filled automatically, but {why}.")
     lines += ["Fix, one of:",

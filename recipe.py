@@ -13,6 +13,7 @@ import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+
 class StopOnSignal:
     """SIGUSR1/SIGTERM (or `signals`) ask the run to stop at the end of the current compiled
     call (a context manager; `requested` names the signal once one came)."""

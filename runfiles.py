@@ -4,18 +4,37 @@
     paths = Paths("models", "logs", "gn_b32_w8_s1")   # .model, .record, .checkpoint, .logs
     atomic_write("results.csv", lambda tmp: df.to_csv(tmp, index=False))
 
-Every file is written to a temporary name in its own folder, then renamed onto the
-real one, so an interrupted write never leaves half a model, record, checkpoint, CSV or
-figure in place of a good one (train.py, reproduce.py and plot.py all write through here).
+Every file is written to a temporary name in its own folder, flushed to the disk, then
+renamed onto the real one, so an interrupted write (a kill, a full disk, a crash) never
+leaves half a model, record, checkpoint, CSV or figure in place of a good one (train.py,
+reproduce.py and plot.py all write through here).
+
+Faults, and what a run does about them:
+- a checkpoint that cannot be read (truncated, corrupted: the zip's CRCs catch flipped
+  bytes), or whose arrays do not fit the model: the run says so, naming the file, moves it
+  aside to NAME.npz.bad (kept for a post-mortem) and starts over from epoch 1. It never
+  trains from it. Each run's checkpoint is read on its own: in a pack of runs, one bad
+  checkpoint restarts that run only. A checkpoint of another configuration is refused.
+- a write that fails (a full disk): the error is raised, the previous file is intact and
+  no temporary is left.
+- two processes given the same run at once: the run's lock (RunLock, flock on
+  models/checkpoints/NAME.lock, released by the kernel when its holder dies) goes to one;
+  the other says which process holds it and exits with status BUSY (73).
 Needs NumPy only (and Keras for provenance()).
 """
+import errno
+import fcntl
 import json
 import os
 import platform
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+BUSY = 73   # exit status of a run whose lock another process holds (EX_CANTCREAT)
 
 
 class Paths:
@@ -27,19 +46,39 @@ class Paths:
         self.model = self.models / f"{name}.keras"
         self.record = self.models / f"{name}.json"
         self.checkpoint = self.models / "checkpoints" / f"{name}.npz"
+        self.lock = self.models / "checkpoints" / f"{name}.lock"
         self.logs = Path(logs_dir) / name
+
+    def temporaries(self):
+        """Temporaries of this run's files that a killed writer left (atomic_write's names)."""
+        return [p for folder in (self.models, self.checkpoint.parent)
+                for p in folder.glob(f".{self.name}.*.tmp.*")]
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path onto path (same folder, so atomic)."""
+    """Call write(tmp_path), flush it to the disk, then rename it onto path (same folder, so
+    atomic): path is the old file or the whole new one, even after a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)   # the rename itself
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:   # some file systems cannot sync a folder: the data is synced anyway
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj):
@@ -58,21 +97,108 @@ def save_checkpoint(paths, model, state):
     atomic_write(paths.checkpoint, write)
 
 
-def load_checkpoint(paths, model, config, defaults=None):
-    """Restore weights and optimizer state; return the saved state, or None without one.
+class BadCheckpoint(Exception):
+    """A checkpoint that cannot be read, or does not fit the model it is to restore."""
+
+
+def read_checkpoint(paths, config, defaults=None):
+    """(state, weights, optimizer variables) of the run's checkpoint, or None without one.
+    One that cannot be read is set aside (set_aside) and None returned: the run starts over.
     config: the run's configuration as a dict; a checkpoint of another one is refused
     (defaults: values for keys that a checkpoint written before they existed lacks)."""
     if not paths.checkpoint.exists():
         return None
-    with np.load(paths.checkpoint) as z:
-        state = json.loads(str(z["state"]))
-        if {**(defaults or {}), **state["config"]} != config:
-            raise SystemExit(f"error: {paths.checkpoint} belongs to another configuration "
-                             f"({state['config']}); rerun with --force to start afresh")
-        model.set_weights([z[f"w{i}"] for i in range(len(model.weights))])
-        for i, v in enumerate(model.optimizer.variables):
-            v.assign(z[f"o{i}"])
+    try:
+        with np.load(paths.checkpoint) as z:   # reads every array: a bad CRC fails here
+            state = json.loads(str(z["state"]))
+            weights = [z[f"w{i}"] for i in range(sum(k.startswith("w") for k in z.files))]
+            variables = [z[f"o{i}"] for i in range(sum(k.startswith("o") for k in z.files))]
+        state_config = state["config"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        set_aside(paths, f"cannot be read ({type(e).__name__}: {e})")
+        return None
+    if {**(defaults or {}), **state_config} != config:
+        raise SystemExit(f"error: {paths.checkpoint} belongs to another configuration "
+                         f"({state_config}); rerun with --force to start afresh")
+    return state, weights, variables
+
+
+def set_aside(paths, why):
+    """Move a bad checkpoint to NAME.npz.bad (replacing an older one), saying so."""
+    bad = paths.checkpoint.with_name(paths.checkpoint.name + ".bad")
+    os.replace(paths.checkpoint, bad)
+    print(f"{paths.name}: checkpoint {paths.checkpoint} {why}; moved to {bad}, the run starts "
+          f"over", file=sys.stderr, flush=True)
+
+
+def load_checkpoint(paths, model, config, defaults=None):
+    """Restore weights and optimizer state; return the saved state, or None without a usable
+    checkpoint (see read_checkpoint; one whose arrays do not fit the model is set aside too,
+    before anything is assigned: the model is then as built)."""
+    saved = read_checkpoint(paths, config, defaults)
+    if saved is None:
+        return None
+    state, weights, variables = saved
+    try:
+        _check_shapes("weights", weights, model.weights)
+        _check_shapes("optimizer variables", variables, model.optimizer.variables)
+    except BadCheckpoint as e:
+        set_aside(paths, f"does not fit the model ({e})")
+        return None
+    model.set_weights(weights)
+    for v, value in zip(model.optimizer.variables, variables):
+        v.assign(value)
     return state
+
+
+def _check_shapes(what, arrays, variables):
+    if len(arrays) != len(variables):
+        raise BadCheckpoint(f"{len(arrays)} {what}, the model has {len(variables)}")
+    for i, (a, v) in enumerate(zip(arrays, variables)):
+        if tuple(a.shape) != tuple(v.shape):
+            raise BadCheckpoint(f"{what} {i} has shape {a.shape}, the model's {tuple(v.shape)}")
+
+
+class RunLock:
+    """The run's lock (flock on paths.lock): one process trains a run at a time. As a context
+    manager: `held` is True once taken, False where another process holds it (`holder`
+    names it). The kernel drops the lock when its holder dies, even by SIGKILL. Taking it
+    removes the temporaries that a killed writer of this run left (Paths.temporaries); the
+    lock file is removed on release, so a finished run leaves no file in checkpoints/."""
+
+    def __init__(self, paths):
+        self.paths, self.held, self.holder, self.file = paths, False, None, None
+
+    def __enter__(self):
+        self.paths.lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(self.paths.lock, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                self.holder = f.read().strip() or "another process"
+                f.close()
+                return self
+            try:   # still the file at that path, not one its last holder removed meanwhile?
+                if os.stat(self.paths.lock).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()
+        self.file, self.held = f, True
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {platform.node()}\n")
+        f.flush()
+        for tmp in self.paths.temporaries():
+            tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.paths.lock.unlink(missing_ok=True)   # before the release: see __enter__
+            self.file.close()
+            self.held = False
 
 
 def finished_record(paths, config, defaults=None):

@@ -294,14 +294,29 @@ def single_device_copy(model, cfg, steps_per_epoch):
 # One run.
 
 class StepCallback(keras.callbacks.Callback):
-    """Counts steps within the epoch, shows a progress bar on a terminal, honours the stop flag."""
+    """Counts steps within the epoch, shows a progress bar on a terminal, honours the stop flag.
+    metrics: the metrics' state saved at a mid-epoch stop (metric_state), restored as the
+    epoch begins, so that the epoch's metrics go on from it as if never stopped."""
 
-    def __init__(self, stop, skip, total, progress):
+    def __init__(self, stop, skip, total, progress, metrics=None):
         super().__init__()
         self.stop, self.skip, self.steps, self.total, self.logs = stop, skip, skip, total, {}
+        self.metrics, self.restored = metrics, False
         self.bar = keras.utils.Progbar(total, stateful_metrics=["ce", "acc"]) if progress else None
         if self.bar and skip:
             self.bar.update(skip)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # After fit's reset_metrics (every backend's trainer resets, then calls this).
+        if not self.metrics:
+            return
+        if len(self.model.metrics_variables) < len(self.metrics):
+            # TensorFlow on one device builds the compiled metrics in the first step: now.
+            self.model.compute_metrics(None, np.zeros(1, "int32"), np.zeros((1, 10), "float32"))
+        if len(self.model.metrics_variables) == len(self.metrics):   # else: merged (_merge)
+            for v, value in zip(self.model.metrics_variables, self.metrics):
+                v.assign(np.asarray(value, v.dtype))
+            self.restored = True
 
     def on_train_batch_end(self, batch, logs=None):
         # With steps_per_execution > 1, batch is the last step of the call just made.
@@ -313,14 +328,23 @@ class StepCallback(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def metric_state(model):
+    """The metrics' variables (running totals and counts) as lists, for a checkpoint's state."""
+    return [np.asarray(keras.ops.convert_to_numpy(v)).tolist() for v in model.metrics_variables]
+
+
 def _merge(partial, steps, logs):
-    """Epoch-so-far training metrics, merging those saved before a mid-epoch stop."""
+    """Epoch-so-far training metrics. Where fit restored the metrics' own state saved at a
+    mid-epoch stop (logs["restored"]; logs["metrics"]: the state now, for the next stop),
+    logs cover the whole epoch, bit for bit as without the stop; otherwise (the scan loop, a
+    checkpoint without that state) the part before the stop is merged in, to float rounding."""
     ce, acc = logs.get("ce", float("nan")), logs.get("acc", float("nan"))
-    if partial:
+    if partial and not logs.get("restored"):
         before = partial["steps"]
         ce = (partial["ce"] * before + ce * (steps - before)) / steps
         acc = (partial["acc"] * before + acc * (steps - before)) / steps
-    return {"steps": steps, "ce": ce, "acc": acc}
+    merged = {"steps": steps, "ce": ce, "acc": acc}
+    return merged | ({"metrics": logs["metrics"]} if "metrics" in logs else {})
 
 
 class Batches(keras.utils.PyDataset):
@@ -341,9 +365,11 @@ def _fit_epoch(model, data, cfg, state, stop, progress, total):
     """The rest of the epoch through model.fit; (steps done, last logs)."""
     batches = cifar10.TrainBatches(data.padded, data.y_train, cfg.batch_size * cfg.workers,
                                    cfg.seed, state["epoch"], skip_batches=state["step"])
-    callback = StepCallback(stop, state["step"], total, progress)
+    saved = (state["partial"] or {}).get("metrics")
+    callback = StepCallback(stop, state["step"], total, progress, metrics=saved)
     model.fit(Batches(batches), epochs=1, verbose=0, shuffle=False, callbacks=[callback])
-    return callback.steps, callback.logs
+    return callback.steps, {**callback.logs, "metrics": metric_state(model),
+                            "restored": callback.restored}
 
 
 def scan_loop(model, padded, labels, batch):
@@ -461,7 +487,8 @@ def finish(paths, model, data, cfg, state, devices, loop):
 
 def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False, progress=None,
           stop=None, devices=None, loop="auto"):
-    """Run (or resume) one configuration; return the process exit status (0, or PREEMPTED).
+    """Run (or resume) one configuration; return the process exit status (0, PREEMPTED, or
+    runfiles.BUSY where another process is training the same run: its lock, runfiles.RunLock).
 
     devices: K, to train on K devices (see backends.pick_devices); the result is the same
     experiment. loop: "fit" (model.fit), "scan" (JAX only: backends.ScanLoop), or "auto"
@@ -469,14 +496,26 @@ def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False,
     """
     loop = resolve_loop(loop)
     paths = runfiles.Paths(models_dir, logs_dir, cfg.name)
-    if not force and runfiles.finished_record(paths, asdict(cfg), asdict(Config())):
+
+    def finished():
+        if force or not runfiles.finished_record(paths, asdict(cfg), asdict(Config())):
+            return False
         print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
+        return True
+    if finished():
         return 0
-    progress = sys.stdout.isatty() if progress is None else progress
-    if stop is None:
-        with StopOnSignal() as stop:
-            return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
-    return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
+    with runfiles.RunLock(paths) as lock:
+        if not lock.held:
+            print(f"{cfg.name}: {lock.holder} is training this run (it holds {paths.lock}); "
+                  f"exiting with status {runfiles.BUSY}", file=sys.stderr, flush=True)
+            return runfiles.BUSY
+        if finished():   # by the process that held the lock a moment ago
+            return 0
+        progress = sys.stdout.isatty() if progress is None else progress
+        if stop is None:
+            with StopOnSignal() as stop:
+                return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
+        return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
 
 
 def resolve_loop(loop):

@@ -7,9 +7,11 @@ requeues itself, resumes and ends with the weights of an uninterrupted run.
 Needs Debian's slurm-wlm, munge and shellcheck (bash .ci/install-slurm.sh) and root; the
 tests that need them are skipped without them, except in CI (CI=true), where they fail.
 """
+import contextlib
 import functools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -308,6 +310,229 @@ def test_array_of_another_profiles_grid(slurm, cifar_dir, tmp_path):
     for task in (4, 5):
         log = (tmp_path / "logs" / f"slurm-{job}_{task}.out").read_text()
         assert f"has no entry {task}; nothing to do" in log
+
+
+# --- chaos: the same array, disturbed ------------------------------------------------------
+
+CHAOS_SEED = int(os.environ.get("CHAOS_SEED", 20))   # another seed: another arrangement
+# Each task meets two disturbances, the second after the first, each once the task has printed
+# a drawn number of epochs and a drawn delay later; which task meets which pair is drawn too.
+CHAOS_PAIRS = [("usr1 twice", "kill"), ("term twice", "requeue"),
+               ("usr1", "kill in checkpoint write"), ("term", "kill in model write")]
+WRITE_SECONDS = 1.0   # a slowed write stays this long between its temporary and its rename
+# Held in the tasks that are to be killed mid-write: their fsync of a temporary sleeps first.
+SLOW_WRITES = f"""\
+import os, time
+if os.environ.get("SLURM_ARRAY_TASK_ID", "-") in os.environ.get("CHAOS_SLOW_WRITES", "").split():
+    _fsync = os.fsync
+
+    def fsync(fd):
+        try:
+            name = os.readlink(f"/proc/self/fd/{{fd}}")
+        except OSError:
+            name = ""
+        if ".tmp." in name:
+            time.sleep({WRITE_SECONDS})
+        _fsync(fd)
+    os.fsync = fsync
+"""
+
+
+def chaos_plan(seed, tasks):
+    """[{kind, task, epochs, delay}] per task, and the slurmd restart's (task, epochs, delay)."""
+    rng = random.Random(seed)
+    pairs = rng.sample(CHAOS_PAIRS, len(tasks))
+    plan = {}
+    for task, pair in zip(tasks, pairs):
+        first = rng.randint(1, EPOCHS - 2)
+        plan[task] = [dict(kind=pair[0], task=task, epochs=first, delay=rng.uniform(0, 0.5)),
+                      dict(kind=pair[1], task=task, epochs=rng.randint(first + 1, EPOCHS - 1),
+                           delay=rng.uniform(0, 0.5))]
+    restart = dict(kind="slurmd restart", task=rng.choice(tasks), epochs=rng.randint(1, 2),
+                   delay=rng.uniform(0, 2))
+    return plan, restart
+
+
+def task_processes(root, job, task):
+    """pids of array task job_task's processes (train.sh and train.py) on the test cluster."""
+    marks = {f"SLURM_ARRAY_JOB_ID={job}".encode(), f"SLURM_ARRAY_TASK_ID={task}".encode()}
+    pids = []
+    for pid in cluster.processes(root):
+        with contextlib.suppress(OSError):   # (one that has just ended)
+            if marks <= set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")) \
+                    and b"slurmstepd" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+    return pids
+
+
+class Chaos:
+    """Fires the plan at an array job: each disturbance once its task has printed enough
+    epochs and runs (its processes exist), after its delay; records what it did."""
+
+    def __init__(self, slurm, job, root, names, plan, restart):
+        (self.cluster, self.env), self.job, self.root, self.names = slurm, job, root, names
+        self.queues, self.restart, self.done = {t: list(p) for t, p in plan.items()}, restart, []
+
+    def epochs(self, task):
+        log = self.root / "logs" / f"slurm-{self.job}_{task}.out"
+        return len(epochs_printed(log.read_text(), self.names[task])) if log.exists() else 0
+
+    def state(self, task):
+        return task_states(self.job, self.env)[task][0]
+
+    def requeue(self, task):
+        """scontrol requeue, retried while the task is still completing (refused then)."""
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            done = subprocess.run(["scontrol", "requeue", f"{self.job}_{task}"], env=self.env,
+                                  capture_output=True, text=True)
+            if done.returncode == 0 or self.state(task) == "PENDING":
+                return
+            time.sleep(0.2)
+        pytest.fail(f"task {task} could not be requeued: {done.stderr}")
+
+    def signal(self, task, name, twice, everything):
+        for _ in range(2 if twice else 1):
+            subprocess.run(["scancel", f"--signal={name}", "--full" if everything else "--batch",
+                            f"{self.job}_{task}"], env=self.env, capture_output=True)
+
+    def kill(self, task):
+        """SIGKILL every process of the task, then requeue it."""
+        for pid in task_processes(self.cluster, self.job, task):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.requeue(task)
+
+    def requeue_when_stopped(self, task):
+        """After a SIGTERM train.sh does not requeue: the scheduler's requeue, done here."""
+        deadline = time.time() + 120
+        while self.state(task) in ("RUNNING", "COMPLETING") and time.time() < deadline:
+            time.sleep(0.2)
+        self.requeue(task)
+
+    def writing(self, d):
+        """Whether d's task is writing the file that d is to kill it in (its temporary is there)."""
+        suffix = {"kill in checkpoint write": ".npz", "kill in model write": ".keras"}.get(d["kind"])
+        return suffix is None or any((self.root / "models").rglob(
+            f".{self.names[d['task']]}.*.tmp{suffix}"))
+
+    def fire(self, d):
+        task, kind = d["task"], d["kind"]
+        if "write" not in kind:   # (a write is killed in at once: it lasts WRITE_SECONDS)
+            time.sleep(d["delay"])
+        if kind in ("usr1", "usr1 twice"):   # SLURM's warning before the time limit
+            self.signal(task, "USR1", twice=kind.endswith("twice"), everything=False)
+        elif kind in ("term", "term twice"):   # preemption: every process of the task
+            self.signal(task, "TERM", twice=kind.endswith("twice"), everything=True)
+            self.requeue_when_stopped(task)
+        elif kind == "requeue":   # an operator's scontrol requeue
+            self.requeue(task)
+        elif kind.startswith("kill"):
+            self.kill(task)
+        elif kind == "slurmd restart":
+            cluster.kill_and_wait(cluster.pid_of(self.cluster / "slurmd.pid"))
+            subprocess.run(["slurmd"], env=self.env, check=True)
+        self.done.append(d)
+
+    def ready(self, d):
+        return (self.epochs(d["task"]) >= d["epochs"] and self.writing(d)
+                and task_processes(self.cluster, self.job, d["task"]))
+
+    def run(self, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.restart and self.ready(self.restart):
+                self.fire(self.restart)
+                self.restart = None
+            for queue in self.queues.values():
+                if queue and self.ready(queue[0]):
+                    self.fire(queue.pop(0))
+            queued = subprocess.run(["squeue", "-h", "-j", self.job], env=self.env,
+                                    capture_output=True, text=True).stdout.strip()
+            if not queued and not self.restart and not any(self.queues.values()):
+                return
+            if not queued:
+                break   # every task ended with disturbances left: they could not land
+            time.sleep(0.02)
+        pytest.fail(f"chaos seed {CHAOS_SEED}: still queued or not all disturbances fired "
+                    f"after {timeout} s; left {self.queues} {self.restart}, done {self.done}\n"
+                    f"{slurm_log(self.cluster)}")
+
+
+def comparable(record):
+    """A run record less what a disturbance may change: its timing, host and restarts."""
+    drop = {"wall_seconds", "images_per_second", "finished_at", "host", "resumed"}
+    out = {k: v for k, v in record.items() if k not in drop}
+    out["history"] = [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
+                      for e in record["history"]]
+    return out
+
+
+def results_table(root, cifar_dir):
+    """reproduce.py over root/models: results.csv less its model path and date columns."""
+    import pandas as pd
+    subprocess.run([sys.executable, str(REPO / "reproduce.py"), "--models-dir", root / "models",
+                    "--out", root / "results.csv", "--data-dir", cifar_dir],
+                   check=True, capture_output=True)
+    return pd.read_csv(root / "results.csv").drop(columns=["model", "date"])
+
+
+def assert_same_model(a, b):
+    """Weights and optimizer variables, bit for bit."""
+    import keras
+    import layer  # noqa: F401  (registers the custom layers)
+    ma, mb = keras.models.load_model(a), keras.models.load_model(b)
+    for x, y in zip(ma.get_weights() + [np.asarray(v) for v in ma.optimizer.variables],
+                    mb.get_weights() + [np.asarray(v) for v in mb.optimizer.variables]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_chaos_sweep_ends_bit_for_bit_as_the_undisturbed_one(slurm, array_run, cifar_dir,
+                                                              tmp_path):
+    """The 4-task array of array_run again, its tasks disturbed at drawn (CHAOS_SEED) times:
+    - SIGKILL of every process of a task, then scontrol requeue;
+    - SIGUSR1 to train.sh (SLURM's time-limit warning), once and twice in a row: it
+      checkpoints and requeues itself;
+    - SIGTERM to every process of a task (preemption), once and twice in a row, then
+      scontrol requeue (as a preempting scheduler would);
+    - scontrol requeue while it runs (an operator);
+    - SIGKILL while a checkpoint, and while the final model, is being written (between the
+      temporary's creation and its rename: those tasks' writes are slowed to be hit), then
+      scontrol requeue;
+    - a restart of slurmd while the tasks run.
+    At the end every task has COMPLETED; every model (weights and optimizer state), run
+    record (less timing, host and restarts) and reproduce.py's results.csv (less the model
+    path and date) equal the undisturbed array's, bit for bit; no temporary, checkpoint,
+    lock or set-aside file is left. Packs (several seeds in one process) are not in this
+    grid: TensorFlow does not pack."""
+    ref, _ = array_run
+    _, env = slurm
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_WRITES)
+    names = {t: n for t, n in grid_names("--profile", "quick").items() if t < 4}
+    plan, restart = chaos_plan(CHAOS_SEED, sorted(names))
+    slow = [str(t) for t, p in plan.items() if any("write" in d["kind"] for d in p)]
+    chaos_env = {**env, "PYTHONPATH": str(tmp_path / "site"), "CHAOS_SLOW_WRITES": " ".join(slow)}
+    job = sbatch(chaos_env, tmp_path, "--array=0-3", TRAIN_SH, *tiny_args(cifar_dir, tmp_path))
+    chaos = Chaos(slurm, job, tmp_path, names, plan, restart)
+    chaos.run(timeout=420)
+    print(f"chaos seed {CHAOS_SEED}: {chaos.done}")
+
+    states = task_states(job, env)
+    assert {t: s[:2] for t, s in states.items()} == {t: ("COMPLETED", "0:0") for t in names}
+    # Each task restarted once or more (twice, unless its second disturbance came while it
+    # was stopping after its first: a SIGKILL during the checkpoint after a SIGUSR1, say).
+    assert len(chaos.done) == 2 * len(names) + 1 and all(s[2] >= 1 for s in states.values())
+    for task, name in names.items():
+        assert_same_model(ref / "models" / f"{name}.keras", tmp_path / "models" / f"{name}.keras")
+        records = [json.loads((r / "models" / f"{name}.json").read_text()) for r in (ref, tmp_path)]
+        assert comparable(records[0]) == comparable(records[1]), name
+        assert records[1]["resumed"] >= 1
+    leftovers = [p for p in (tmp_path / "models").rglob("*")
+                 if ".tmp" in p.name or p.suffix in (".bad", ".lock", ".npz")]
+    assert leftovers == []
+    assert results_table(tmp_path, cifar_dir).equals(results_table(ref, cifar_dir))
 
 
 def test_cluster_stops_and_leaves_nothing_running(slurm):

@@ -37,7 +37,30 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import recipe   # (no Keras: --help needs no backend)
 import startup  # (before Keras: its start-up chatter off)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models-dir", help="where train.py wrote NAME.keras (default: models)")
+    p.add_argument("--profile", choices=list(recipe.PROFILES),
+                   help="a profile's runs: its folder (models/P/) and the runs it shares with "
+                        "other profiles, where they keep them (default out: results-P.csv)")
+    p.add_argument("--out", help="the CSV to write (default: results.csv, or results-P.csv)")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR-10 folder, as for train.py (default: train.py's default)")
+    args = p.parse_args(argv)
+    if args.profile and args.models_dir:
+        p.error("give --profile (its folder and the runs it shares) or --models-dir, not both")
+    own = recipe.profile_paths(args.profile or "default")
+    args.models_dir = args.models_dir or own["models_dir"]
+    args.out = args.out or own["results"]
+    return args
+
+
+if __name__ == "__main__":
+    _ARGS = parse_args()   # before Keras starts: --help and a bad argument start no backend
 
 with startup.quiet():
     import keras  # noqa: E402
@@ -233,26 +256,8 @@ def warn(message):
     print(f"reproduce.py: warning: {message}", file=sys.stderr)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models-dir", help="where train.py wrote NAME.keras (default: models)")
-    p.add_argument("--profile", choices=list(train.PROFILES),
-                   help="a profile's runs: its folder (models/P/) and the runs it shares with "
-                        "other profiles, where they keep them (default out: results-P.csv)")
-    p.add_argument("--out", help="the CSV to write (default: results.csv, or results-P.csv)")
-    p.add_argument("--data-dir", default=None,
-                   help="CIFAR-10 folder, as for train.py (default: train.py's default)")
-    args = p.parse_args(argv)
-    if args.profile and args.models_dir:
-        p.error("give --profile (its folder and the runs it shares) or --models-dir, not both")
-    own = train.profile_paths(args.profile or "default")
-    args.models_dir = args.models_dir or own["models_dir"]
-    args.out = args.out or own["results"]
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, args=None):
+    args = args or parse_args(argv)
     paths = find_models(args.models_dir)
     if args.profile:
         paths += [p for p in shared_models(args.profile) if p not in paths]
@@ -285,4 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=_ARGS))

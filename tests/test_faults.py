@@ -232,7 +232,8 @@ def user_env(**extra):
 
 
 @pytest.mark.parametrize("args", [["train.py", "--grid"], ["train.py", "--grid", "--profile", "quick"],
-                                  ["train.py", "--help"], ["sweep.py", "--help"]])
+                                  ["train.py", "--help"], ["sweep.py", "--help"],
+                                  ["reproduce.py", "--help"]])
 def test_grid_and_help_start_no_backend_and_print_no_library_line(args):
     result = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=REPO,
                             env=user_env(), capture_output=True, text=True, timeout=120)

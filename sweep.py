@@ -4,13 +4,18 @@
     python sweep.py --profile quick --tasks "0 3"   # some entries (indices of train.py --grid)
     python sweep.py --jobs 2 [train.py options]     # options reach every entry's train.py
     python sweep.py --profile quick --seeds "1 2 3" # the grid with other seeds
+    python sweep.py --profile quick --seeds "1 2 3" --loop scan   # JAX: the seeds of an entry
+                                                    # in one process, a pack (--no-pack: not)
     python train.py --profile quick                 # the same (train.py hands over to this file)
     bash train.sh [args]                            # the same, where there is no SLURM
 
 Each grid entry runs as its own `python train.py --task I --profile P [options]`, JOBS
 at a time (default: one per core on a CPU, one with a GPU), smallest batches first (they
 take longest); their output is relayed line by line. A failed entry does not stop the
-others; the failures are listed at the end and the exit status is 1. SIGINT (Ctrl-C),
+others; the failures are listed at the end and the exit status is 1. Where a run would
+train on JAX's scan loop (KERAS_BACKEND=jax, with --loop scan, or a GPU), the entries that
+differ only in seed train as one process, a pack (train.py --pack; its members write
+their solo runs' files); --no-pack runs every entry alone. SIGINT (Ctrl-C),
 SIGTERM or SIGUSR1 asks every running entry to checkpoint (SIGUSR1, at the end of its
 current compiled call) and the sweep exits with status 75 (train.PREEMPTED); the same
 command resumes. When every entry has finished: reproduce.py writes the profile's
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import backends
@@ -42,11 +48,58 @@ def forwarded(args):
     if args.seeds:
         out += ["--seeds", " ".join(map(str, args.seeds))]
     for name in ("epochs", "workers", "train_images", "test_images", "data_dir",
-                 "models_dir", "logs_dir", "threads", "devices", "loop"):
+                 "models_dir", "logs_dir", "threads", "devices", "loop", "unroll"):
         if getattr(args, name, None) is not None:
             out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision")
                   if getattr(args, f, False)]
+
+
+def packing(args):
+    """Whether entries that differ only in seed train as packs: on JAX's scan loop, unless
+    --no-pack (packs anywhere else would train their seeds one after another, in one
+    process: fewer runs at once for nothing)."""
+    if getattr(args, "no_pack", False) or backends.name() != "jax":
+        return False
+    return args.loop == "scan" or (args.loop == "auto" and has_gpu())
+
+
+def packs(entries, tasks):
+    """tasks (indices of entries) grouped into packs, entries that differ only in seed, in
+    the order of each pack's first task."""
+    groups = {}
+    for t in tasks:
+        groups.setdefault(replace(entries[t], seed=0), []).append(t)
+    return list(groups.values())
+
+
+def pack_arguments(profile, entries, tasks):
+    """train.py's arguments that run entries[tasks] (differing only in seed) as one pack:
+    --task J --seeds S --pack, J in the grid of those seeds (train.py renumbers for --seeds)."""
+    seeds = [entries[t].seed for t in tasks]
+    task = train.grid(profile, seeds).index(entries[tasks[0]])
+    return ["--task", str(task), "--seeds", " ".join(map(str, seeds)), "--pack"]
+
+
+def queue(profile, seeds=None, tasks=None, pack=True):
+    """(train.py arguments, run names) per process, the longest first (the fewest images a
+    step: N = 2 takes 16 times the steps of N = 32; then the bigger pack): gpu.sh's queue."""
+    entries = train.grid(profile, seeds)
+    tasks = list(range(len(entries))) if tasks is None else list(tasks)
+    groups = packs(entries, tasks) if pack else [[t] for t in tasks]
+    groups.sort(key=lambda g: (entries[g[0]].batch_size * entries[g[0]].workers, -len(g)))
+    return [(pack_arguments(profile, entries, g) if pack else ["--task", str(g[0])],
+             [entries[t].name for t in g]) for g in groups]
+
+
+def print_queue(profile, seeds="", tasks="", pack="1"):
+    """gpu.sh's queue, one process a line: TASK SEEDS NAME... (SEEDS '-': a solo run, in the
+    grid of the profile's or SEEDS' seeds; else comma-separated, a pack of the grid of those)."""
+    seeds = train._ints(seeds) or None
+    tasks = train._ints(tasks) if tasks.strip() else None
+    for args, names in queue(profile, seeds, tasks, pack not in ("0", "")):
+        pack_seeds = args[3].replace(" ", ",") if "--pack" in args else "-"
+        print(args[1], pack_seeds, *names)
 
 
 def has_gpu():
@@ -144,9 +197,18 @@ def sweep(args, stop):
     tasks = args.tasks if args.tasks is not None else list(range(len(entries)))
     tasks = sorted(tasks, key=lambda i: entries[i].batch_size)   # longest runs first
     jobs = args.jobs or default_jobs(args.threads)
-    print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
-    commands = {t: [sys.executable, "-u", str(HERE / "train.py"), "--task", str(t), *forwarded(args)]
-                for t in tasks}
+    script = [sys.executable, "-u", str(HERE / "train.py")]
+    if packing(args):
+        groups = packs(entries, tasks)
+        print(f"profile {args.profile}: {len(tasks)} runs in {len(groups)} packs (one process "
+              f"each; --no-pack: one per run), {jobs} at a time", flush=True)
+        # (pack_arguments' --seeds comes after forwarded's, so it is the one train.py reads)
+        commands = {"+".join(map(str, g)): [*script, *forwarded(args),
+                                            *pack_arguments(args.profile, entries, g)]
+                    for g in groups}
+    else:
+        print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
+        commands = {t: [*script, "--task", str(t), *forwarded(args)] for t in tasks}
     code = run_entries(commands, jobs, stop, label=f"profile {args.profile}")
     if code:
         return code
@@ -173,6 +235,9 @@ def main(argv=None, stop=None, outer=None):
     if singles:
         p.error(f"{' '.join(singles)}: a sweep runs every entry of the grid as it is defined; "
                 f"for one run use python train.py (e.g. --task I)")
+    if args.pack:
+        p.error("--pack packs one run's seeds (python train.py --norm ... --pack); a sweep packs "
+                "its grid's entries itself where they train on JAX's scan loop (--no-pack: not)")
     n = len(train.grid(args.profile, args.seeds))
     outside = [t for t in args.tasks or [] if not 0 <= t < n]
     if outside:

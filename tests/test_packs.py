@@ -338,3 +338,91 @@ def test_a_pack_refuses_runs_that_differ_in_more_than_seed():
         train.pack_configs([config("bn", 1), config("gn", 2)])
     with pytest.raises(ValueError, match="differ in their seeds only"):
         train.pack_configs([config("bn", 1), config("bn", 1)])
+
+
+# --- packs through sweep.py and SLURM: the files of solo runs ------------------------------
+
+def tree_files(folder):
+    """A run folder's files, TensorBoard's event files (named by time, host, process) as one."""
+    return sorted(str(p.relative_to(folder).parent / "events") if "tfevents" in p.name
+                  else str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_sweep_queue_packs_the_seeds_of_each_entry_the_longest_first():
+    import sweep
+    queue = sweep.queue("default", tasks=[0, 4, 10, 14, 24, 9])
+    assert [names for _, names in queue] == [["bn_b2_w8_s1", "bn_b2_w8_s2", "bn_b2_w8_s3"],
+                                             ["gn_b2_w8_s1"], ["bn_b32_w8_s1", "bn_b32_w8_s2"]]
+    assert [args for args, _ in queue] == [["--task", "4", "--seeds", "1 2 3", "--pack"],
+                                           ["--task", "9", "--seeds", "1", "--pack"],
+                                           ["--task", "0", "--seeds", "1 2", "--pack"]]
+    seeds_23 = sweep.queue("default", tasks=[14, 24])   # seeds 2 and 3: their own grid's entry 4
+    assert seeds_23 == [(["--task", "4", "--seeds", "2 3", "--pack"], ["bn_b2_w8_s2", "bn_b2_w8_s3"])]
+    alone = sweep.queue("default", tasks=[0, 10, 4], pack=False)
+    assert alone == [(["--task", "4"], ["bn_b2_w8_s1"]), (["--task", "0"], ["bn_b32_w8_s1"]),
+                     (["--task", "10"], ["bn_b32_w8_s2"])]
+
+
+def sweep_command(cifar_dir, root, *extra):
+    import sys
+    return [sys.executable, "-u", "sweep.py", "--profile", "quick", "--seeds", "1 2", "--tasks",
+            "0 10", "--epochs", "1", "--train-images", "40", "--test-images", "20", "--loop",
+            "scan", "--data-dir", str(cifar_dir), "--models-dir", str(root / "models"),
+            "--logs-dir", str(root / "logs"), "--results", str(root / "results.csv"),
+            "--plot", str(root / "plot.png"), *extra]
+
+
+def test_packs_through_sweep_py_write_the_files_of_solo_runs(cifar_dir, tmp_path):
+    import subprocess
+    out = {}
+    for kind, extra in (("pack", []), ("solo", ["--no-pack"])):
+        result = subprocess.run(sweep_command(cifar_dir, tmp_path / kind, *extra), cwd=REPO,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        out[kind] = result.stdout
+    assert "profile quick: 2 runs in 1 packs (one process each" in out["pack"]
+    assert "pack of 2: bn_b32_s1, bn_b32_s2 in one compiled program" in out["pack"]
+    assert "profile quick: 2 runs, " in out["solo"] and "pack of" not in out["solo"]
+    assert tree_files(tmp_path / "pack") == tree_files(tmp_path / "solo")
+    assert {"models/bn_b32_s1.keras", "models/bn_b32_s2.json", "results.csv"} <= \
+        set(tree_files(tmp_path / "pack"))
+    for name, other in (("bn_b32_s1", "bn_b32_s2"), ("bn_b32_s2", "bn_b32_s1")):
+        packed, solo = (record(tmp_path / k / "models", name) for k in ("pack", "solo"))
+        assert packed["packed_with"] == [other] and solo["packed_with"] == []
+        assert packed["config"] == solo["config"]
+
+
+def test_packs_through_the_slurm_test_cluster_write_the_files_of_solo_runs(cifar_dir, tmp_path):
+    """sbatch --array=0,10 train.sh under KERAS_BACKEND=jax: task 0 trains seeds 1 and 2 as a
+    pack, task 10 (seed 2) has nothing to do; with PACK=0 each trains its own; same files."""
+    import test_slurm
+    gone = test_slurm.cluster.missing()
+    test_slurm.need(not gone, f"SLURM is not installed ({', '.join(gone)} missing): "
+                              f"bash .ci/install-slurm.sh")
+    test_slurm.need(os.geteuid() == 0, "the test cluster's daemons run as root")
+    root = tmp_path / "cluster"
+    root.mkdir()
+    environment = test_slurm.cluster.start(root)
+    try:
+        env = {**test_slurm.run_env(), "SLURM_CONF": environment["SLURM_CONF"],
+               "PATH": environment["PATH"], "KERAS_BACKEND": "jax"}
+        slurm = (root, env)
+        for kind, pack in (("pack", "1"), ("solo", "0")):
+            folder = tmp_path / kind
+            (folder / "logs").mkdir(parents=True)
+            args = sweep_command(cifar_dir, folder)[3:]
+            args = [a for a in args if a not in ("--tasks", "0 10", "--results", "--plot")
+                    and not a.endswith((".csv", ".png"))]
+            job = test_slurm.sbatch({**env, "PACK": pack}, folder, "--array=0,10",
+                                    test_slurm.TRAIN_SH, *args)
+            test_slurm.wait_for(job, slurm, timeout=600)
+            assert test_slurm.task_states(job, env) == {0: ("COMPLETED", "0:0", 0),
+                                                        10: ("COMPLETED", "0:0", 0)}
+            idle = (folder / "logs" / f"slurm-{job}_10.out").read_text()
+            assert ("trains in the pack of entry 0" in idle) == (pack == "1"), idle
+        files = [f for f in tree_files(tmp_path / "pack") if "slurm-" not in f]
+        assert files == [f for f in tree_files(tmp_path / "solo") if "slurm-" not in f]
+        assert "models/bn_b32_s2.keras" in files
+        assert record(tmp_path / "pack" / "models", "bn_b32_s2")["packed_with"] == ["bn_b32_s1"]
+    finally:
+        test_slurm.cluster.stop(root)

@@ -51,7 +51,8 @@ def forwarded(args):
                  "models_dir", "logs_dir", "threads", "devices", "loop", "unroll"):
         if getattr(args, name, None) is not None:
             out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision")
+    return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision",
+                                                              "bfloat16")
                   if getattr(args, f, False)]
 
 

@@ -154,6 +154,8 @@ class Config:
     jit_compile: bool = False         # XLA (GPU option; Keras' "auto" would turn it on there)
     mixed_precision: bool = False     # mixed_float16 (GPU option; GN and BN keep float32 stats)
     channels_per_group: int | None = None   # GN: C / G fixed in every layer instead of G
+    bfloat16: bool = False            # mixed_bfloat16: bf16 convolutions; float32 weights, BN/GN
+                                      #   statistics, logits and loss; no loss scaling (GPU option)
 
     @property
     def name(self):
@@ -335,9 +337,13 @@ def build_resnet20(norm="bn", groups=GROUPS, workers=1, **kwargs):
 @contextlib.contextmanager
 def dtype_policy(cfg):
     """Keras' global dtype policy while cfg's model is built: mixed_float16 with
-    --mixed-precision (compile then adds loss scaling), float32 otherwise."""
+    --mixed-precision (compile then adds loss scaling), mixed_bfloat16 with --bfloat16,
+    float32 otherwise."""
+    if cfg.mixed_precision and cfg.bfloat16:
+        raise ValueError("give mixed_precision (float16) or bfloat16, not both")
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else
+                                  "mixed_bfloat16" if cfg.bfloat16 else "float32")
     try:
         yield
     finally:
@@ -578,6 +584,8 @@ def finish(paths, model, data, cfg, state, devices, loop, options=None):
         # the runs trained in one compiled program with this one (a pack, any session)
         "packed_with": state.get("packed_with", []),
         "step_options": options or {},   # how the scan loop ran its step (step_options)
+        # XLA's flags (JAX): command buffers (CUDA graphs) and determinism are set there
+        "xla_flags": os.environ.get("XLA_FLAGS", "") if backends.name() == "jax" else None,
         "jit_compile_used": bool(model.jit_compile),   # what Keras did with --jit-compile
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **runfiles.provenance(),
@@ -836,6 +844,9 @@ def parse_args(argv=None):
     gpu.add_argument("--mixed-precision", action="store_true",
                      help="mixed_float16: float16 convolutions, float32 weights, normalization "
                           "statistics and logits, loss scaling")
+    gpu.add_argument("--bfloat16", action="store_true",
+                     help="mixed_bfloat16: bfloat16 convolutions, float32 weights, normalization "
+                          "statistics, logits and loss (no loss scaling)")
     gpu.add_argument("--unroll", type=int,
                      help=f"(scan loop) steps per iteration of the compiled loop, lax.scan's "
                           f"unroll (default {STEP_OPTIONS['unroll']}); recorded in the run record")
@@ -847,6 +858,8 @@ def parse_args(argv=None):
         p.error(f"--seeds should be distinct non-negative integers, got {args.seeds}")
     if args.groups is not None and args.channels_per_group is not None:
         p.error("give --groups or --channels-per-group, not both")
+    if args.mixed_precision and args.bfloat16:
+        p.error("give --mixed-precision (float16) or --bfloat16, not both")
     for name in ("batch_size", "workers", "devices", "epochs", "groups", "channels_per_group",
                  "train_images", "test_images", "jobs", "unroll"):
         value = getattr(args, name)
@@ -876,7 +889,8 @@ def resolve(p, args):
         overrides["channels_per_group"] = None   # G given: fixed groups, not a group size
     if args.channels_per_group is not None:
         overrides["groups"] = GROUPS             # C / G given: G is not the run's setting
-    overrides |= {k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)}
+    overrides |= {k: True for k in ("jit_compile", "mixed_precision", "bfloat16")
+                  if getattr(args, k)}
     cfg = replace(cfg, **overrides)
     if cfg.channels_per_group is not None and cfg.norm != "gn":
         p.error(f"--channels-per-group is GN's setting; this run's norm is {cfg.norm}")

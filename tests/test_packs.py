@@ -426,3 +426,61 @@ def test_packs_through_the_slurm_test_cluster_write_the_files_of_solo_runs(cifar
         assert record(tmp_path / "pack" / "models", "bn_b32_s2")["packed_with"] == ["bn_b32_s1"]
     finally:
         test_slurm.cluster.stop(root)
+
+
+# --- the step's cost options ----------------------------------------------------------------
+
+def reductions(jaxpr):
+    """(primitive name, input dtype) of every reduction in a jaxpr, sub-jaxprs included."""
+    from jax import extend
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("reduce_") or eqn.primitive.name == "dot_general":
+            out.append((eqn.primitive.name, str(eqn.invars[0].aval.dtype)))
+        for value in eqn.params.values():
+            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(sub, extend.core.ClosedJaxpr):
+                    out += reductions(sub.jaxpr)
+                elif isinstance(sub, extend.core.Jaxpr):
+                    out += reductions(sub)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+def test_bfloat16_keeps_statistics_weights_and_loss_in_float32(cifar_dir, kind):
+    import dataclasses
+    import jax
+    import jax.numpy as jnp
+    cfg = dataclasses.replace(config(kind), bfloat16=True)
+    keras.utils.set_random_seed(1)
+    model = train.build_model(cfg)
+    train.compile_model(model, cfg, 10)
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    norms = [l for l in model.layers if "norm" in l.name]
+    assert convs and all(l.compute_dtype == "bfloat16" for l in convs)
+    assert all(v.dtype == "float32" for v in model.weights), "weights and moving statistics"
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 16)), jnp.bfloat16)
+    for norm in norms[:1]:   # the stem's: 16 channels
+        import inspect
+        trainable = [v.value for v in norm.trainable_variables]
+        frozen = [v.value for v in norm.non_trainable_variables]
+        mode = {"training": True} if "training" in inspect.signature(norm.call).parameters else {}
+
+        def call(t, f, x):
+            return norm.stateless_call(t, f, x, **mode)
+        found = reductions(jax.make_jaxpr(call)(trainable, frozen, x).jaxpr)
+        assert found and {dtype for _, dtype in found} == {"float32"}, found   # the statistics
+        out, updated = jax.eval_shape(call, trainable, frozen, x)
+        assert out.dtype == jnp.bfloat16 and all(u.dtype == jnp.float32 for u in updated)
+    data = cifar10.prepare_data(cifar_dir, IMAGES)
+    loop = backends.ScanLoop(model, data.padded, data.y_train, cfg.batch_size * cfg.workers, 1)
+    state = backends._member(loop.state(), 0)   # the model's own state, unstacked
+    batch = data.padded[:4, 4:-4, 4:-4], data.y_train[:4]
+    loss, (unscaled, logits, *_) = jax.eval_shape(
+        lambda s, x, y: model.compute_loss_and_updates(s[0], s[1], s[3], x, y, None, training=True,
+                                                   optimizer_variables=s[2]),
+        state, *batch)
+    assert loss.dtype == unscaled.dtype == logits.dtype == jnp.float32
+    _, logs = loop.run(cifar10.epoch_draws(IMAGES, 1, 0), 0, 2)
+    assert np.isfinite(logs["loss"])
+    assert all(np.asarray(v).dtype == np.float32 for v in model.weights)

@@ -10,7 +10,9 @@ Everything else (the model, the recipe, the data, the run) is written with `kera
 - the library versions that a run record names;
 - the JAX training loop: K steps fused into one compiled call (`ScanLoop`), since Keras'
   JAX trainer runs steps_per_execution as a Python loop of one-step calls, which bounds
-  small batches on a GPU by dispatch rather than by the GPU.
+  small batches on a GPU by dispatch rather than by the GPU; and several runs that differ
+  only in seed in that one call (a pack: Keras' train_step under jax.vmap over their
+  stacked states; one run is a pack of one).
 
 Nothing here imports TensorFlow, JAX or PyTorch unless that is the backend in use.
 """

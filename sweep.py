@@ -93,11 +93,19 @@ def queue(profile, seeds=None, tasks=None, pack=True):
              [entries[t].name for t in g]) for g in groups]
 
 
-def print_queue(profile, seeds="", tasks="", pack="1"):
-    """gpu.sh's queue, one process a line: TASK SEEDS NAME... (SEEDS '-': a solo run, in the
-    grid of the profile's or SEEDS' seeds; else comma-separated, a pack of the grid of those)."""
+def print_queue(profile, seeds="", tasks="", pack="1", pending=""):
+    """gpu.sh's queue, one process a line: TASK SEEDS NAME... (SEEDS '-': a solo run, TASK in
+    the grid of the profile's or SEEDS' seeds; else comma-separated, a pack, TASK in the grid
+    of those). No tasks and `pending`: the entries without a run record in the profile's
+    models folder (the committed paper-scale runs)."""
+    if profile not in train.PROFILES:
+        sys.exit(f"gpu.sh: no profile {profile!r}: one of {list(train.PROFILES)}")
     seeds = train._ints(seeds) or None
     tasks = train._ints(tasks) if tasks.strip() else None
+    if tasks is None and pending:
+        models = Path(train.profile_paths(profile)["models_dir"])
+        tasks = [i for i, c in enumerate(train.grid(profile, seeds))
+                 if not (models / f"{c.name}.json").exists()]
     for args, names in queue(profile, seeds, tasks, pack not in ("0", "")):
         pack_seeds = args[3].replace(" ", ",") if "--pack" in args else "-"
         print(args[1], pack_seeds, *names)

@@ -7,6 +7,9 @@ the grids of the studies, the ResNet builder, and one resumable run with its com
                                                          # (on 2 GPUs: see backends.py)
     KERAS_BACKEND=jax python train.py ...                # any Keras backend: TensorFlow
                                                          # (default), JAX, PyTorch
+    KERAS_BACKEND=jax python train.py --norm bn --batch-size 2 --seeds "1 2 3" --pack
+                                                         # 3 seeds in one compiled program
+                                                         # (JAX's scan loop; else in turn)
     python train.py --grid [--profile quick]             # print a profile's grid
     python train.py --profile quick                      # every entry of a profile's grid,
                                                          # then reproduce.py and plot.py
@@ -708,6 +711,12 @@ def _train(runs, data_dir, force, progress, stop, devices=None, loop="fit", opti
         print(f"note: --loop scan is single-device; on {len(names)} devices the run uses fit",
               flush=True)
         loop = "fit"
+        if len(runs) > 1:   # no pack then: its runs one after another
+            for run in runs:
+                code = _train([run], data_dir, force, progress, stop, devices, loop, options)
+                if code:
+                    return code
+            return 0
     data = cifar10.prepare_data(data_dir, cfg.train_images, cfg.test_images)
     steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
     if steps < 1:
@@ -723,8 +732,6 @@ def _train(runs, data_dir, force, progress, stop, devices=None, loop="fit", opti
               flush=True)
     options = step_options(options) if loop == "scan" else {}
     members = [_start(c, paths, steps, names, force, options) for c, paths in runs]
-    if loop != "scan" and len(members) > 1:   # train_pack sends packs to the scan loop only
-        raise ValueError("a pack of several runs needs the scan loop")
     points = {}
     for m in members:
         points.setdefault((m.state["epoch"], m.state["step"]), []).append(m)
@@ -780,7 +787,7 @@ def _ints(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[3:13]))
+                                epilog="\n".join(__doc__.splitlines()[3:16]))
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")

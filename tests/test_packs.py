@@ -15,7 +15,10 @@ on the tiny fixture, for BN with W = 2 workers of N = 2 and for GN at N = 4:
   bit for bit the same;
 - a pack whose members stand at different points (one finished, one checkpointed, one
   not started) trains just what is missing;
-- without the scan loop the seeds train one after another, said in one line.
+- without the scan loop the seeds train one after another, said in one line;
+- packs through sweep.py and through train.sh on the SLURM test cluster (tests/slurm; skipped
+  without SLURM, failed in CI) write the files of solo runs;
+- --bfloat16 keeps the weights, the normalization statistics and the loss in float32.
 """
 import json
 import os
@@ -484,3 +487,23 @@ def test_bfloat16_keeps_statistics_weights_and_loss_in_float32(cifar_dir, kind):
     _, logs = loop.run(cifar10.epoch_draws(IMAGES, 1, 0), 0, 2)
     assert np.isfinite(logs["loss"])
     assert all(np.asarray(v).dtype == np.float32 for v in model.weights)
+
+
+def test_pack_command_line_errors(capsys):
+    import sweep
+    with pytest.raises(SystemExit) as e:
+        train.main(["--norm", "bn", "--batch-size", "2", "--seed", "2", "--pack"])
+    assert e.value.code == 2
+    assert ("--pack trains the run with each seed of --seeds; give --seeds, not --seed 2"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--profile", "quick", "--pack"])
+    assert e.value.code == 2 and "a sweep packs its grid's entries itself" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.main(["--norm", "bn", "--batch-size", "2", "--unroll", "0"])
+    assert e.value.code == 2 and "--unroll must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train.main(["--norm", "bn", "--batch-size", "2", "--bfloat16", "--mixed-precision"])
+    assert e.value.code == 2 and "not both" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"unknown step options \['unrol'\]"):
+        train.step_options({"unrol": 2})

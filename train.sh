@@ -135,9 +135,12 @@ if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
     pack=()
     if [[ ${KERAS_BACKEND:-} == jax && ${PACK:-1} != 0 && " $* " != *" --no-pack "* ]]; then
         # Seed-major grid: entry I's pack is led by entry I mod (entries of the first seed).
-        leader=$(awk '!/^#/ {match($0, /--seed [0-9]+/); s = substr($0, RSTART + 7, RLENGTH - 7)
-                             if (first == "") first = s; if (s == first) n++}
-                      END {print (n ? '"$task"' % n : "")}' <<<"$("$PYTHON" train.py --grid "$@")")
+        leader=$(awk -v task="$task" '!/^#/ {match($0, /--seed [0-9]+/)
+                                             s = substr($0, RSTART + 7, RLENGTH - 7)
+                                             if (first == "") first = s
+                                             if (s == first) n++}
+                                      END {print (n ? task % n : "")}' \
+            <<<"$("$PYTHON" train.py --grid "$@")")
         if [[ -n $leader && $leader != "$task" ]]; then
             echo "train.sh: grid entry $task trains in the pack of entry $leader (KERAS_BACKEND=jax; PACK=0: alone); nothing to do"
             exit 0

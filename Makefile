@@ -62,7 +62,7 @@ slurm-deps:
 
 # The layer and the whole pipeline under the other Keras backends (no TensorFlow in that venv).
 test-backends: $(BVENV)/.stamp
-	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_workers.py tests/test_backends.py
+	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_workers.py tests/test_backends.py tests/test_packs.py
 	KERAS_BACKEND=torch $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_workers.py tests/test_backends.py
 
 clean-venv:

@@ -10,7 +10,9 @@ Everything else (the model, the recipe, the data, the run) is written with `kera
 - the library versions that a run record names;
 - the JAX training loop: K steps fused into one compiled call (`ScanLoop`), since Keras'
   JAX trainer runs steps_per_execution as a Python loop of one-step calls, which bounds
-  small batches on a GPU by dispatch rather than by the GPU.
+  small batches on a GPU by dispatch rather than by the GPU; and several runs that differ
+  only in seed in that one call (a pack: Keras' train_step under jax.vmap over their
+  stacked states; one run is a pack of one).
 
 Nothing here imports TensorFlow, JAX or PyTorch unless that is the backend in use.
 """
@@ -225,30 +227,51 @@ _said_one_step = []   # the note above, once per process
 
 
 # ---------------------------------------------------------------------------
-# JAX: several training steps per compiled call.
+# JAX: several training steps per compiled call, for one model or a pack of K.
+
+def _stack(states):
+    """K states of one architecture (Keras' _get_jax_state tuples) -> one tuple of (K, ...)."""
+    import jax
+    import jax.numpy as jnp
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+
+
+def _member(state, k):
+    import jax
+    return jax.tree_util.tree_map(lambda a: a[k], state)
+
 
 class ScanLoop:
-    """Train a compiled Keras model on JAX with `steps` steps fused into one jitted call.
+    """Train K compiled Keras models of one architecture on JAX (a pack; K = 1 is a solo run),
+    `steps` steps fused into one jitted call.
 
     Each call runs Keras' own stateless `model.train_step` (the function `fit` jits: loss,
     regularization, loss scaling, SGD, metrics) under `jax.lax.scan`, with the batches
     built on the device: the training set, normalized and padded once (`padded`, float32
     (n, 40, 40, 3)), is indexed, cropped and mirrored by the integer draws the host makes
-    for the epoch (cifar10.epoch_draws), so only those draws cross to the device. The
-    batches are therefore the ones cifar10.TrainBatches gives `fit`, bit for bit.
-    A call's steps beyond the epoch's end are masked out (they leave the state as it is),
-    so one compiled function serves every call of every epoch.
+    for each member's (seed, epoch) (cifar10.epoch_draws), so only those draws cross to the
+    device. The batches are therefore the ones cifar10.TrainBatches gives `fit`, bit for bit.
+
+    A pack is the step transformed, not the model: the K models' states are stacked on a
+    leading axis and `jax.vmap` maps train_step over them and over the K members' batches
+    (for K = 1 the step runs unmapped, so a solo run compiles to what it always did). A
+    call runs exactly the steps asked for (a scan of that length: no per-step lax.cond; a
+    new length compiles once more, so callers keep the lengths few: train.scan_loop).
+    unroll: lax.scan's, steps per loop iteration (fewer iterations, longer compile).
     """
 
-    def __init__(self, model, padded, labels, batch, steps):
+    def __init__(self, models, padded, labels, batch, steps, unroll=1):
         import jax
         import jax.numpy as jnp
         from cifar10 import SIDE
-        self.model, self.batch, self.steps = model, batch, steps
+        self.models = list(models) if isinstance(models, (list, tuple)) else [models]
+        self.model = self.models[0]   # whose (stateless) train_step every member runs
+        self.batch, self.steps, self.unroll = batch, steps, unroll
         # What fit does before its first step: build the compiled loss and metrics, whose
         # variables are part of the state.
-        model._symbolic_build(data_batch=(np.zeros((batch, SIDE, SIDE, padded.shape[-1]), np.float32),
-                                          np.zeros(batch, np.int32)))
+        for model in self.models:
+            model._symbolic_build(data_batch=(
+                np.zeros((batch, SIDE, SIDE, padded.shape[-1]), np.float32), np.zeros(batch, np.int32)))
         self.padded = jnp.asarray(padded)
         self.labels = jnp.asarray(labels, jnp.int32)
         self._call = jax.jit(self._run)
@@ -263,46 +286,64 @@ class ScanLoop:
         x = jax.vmap(crop)(self.padded[index], rows, cols)
         return jnp.where(flips[:, None, None, None] == 1, x[:, :, ::-1], x)
 
-    def _run(self, state, draws, valid):
+    def _train(self, state, index, rows, cols, flips):
+        """One member's step: its batch, cut from its draws, through Keras' train_step."""
+        x = self._images(index, rows, cols, flips)
+        return self.model.train_step(state, (x, self.labels[index]))[1]
+
+    def _step(self, state, draws):
+        """One step of every member: state (K, ...), draws 4 x (K, batch)."""
         import jax
+        if len(self.models) > 1:
+            return jax.vmap(self._train)(state, *draws)
+        one = self._train(_member(state, 0), *(d[0] for d in draws))
+        return jax.tree_util.tree_map(lambda a: a[None], one)
 
-        def step(state, inputs):
-            (index, rows, cols, flips), ok = inputs
-
-            def train(state):
-                x = self._images(index, rows, cols, flips)
-                return self.model.train_step(state, (x, self.labels[index]))[1]
-            return jax.lax.cond(ok, train, lambda s: s, state), None
-        return jax.lax.scan(step, state, (draws, valid))[0]
+    def _run(self, state, draws):
+        import jax
+        return jax.lax.scan(lambda s, d: (self._step(s, d), None), state, draws,
+                            unroll=self.unroll)[0]
 
     def state(self):
-        return self.model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
-                                         optimizer_variables=True, metrics_variables=True)
+        """The members' states, stacked: 4 lists (trainable, non-trainable, optimizer,
+        metrics variables) of (K, ...) arrays."""
+        return _stack([m._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                        optimizer_variables=True, metrics_variables=True)
+                       for m in self.models])
 
     def sync(self, state):
-        m = self.model
-        groups = (m.trainable_variables, m.non_trainable_variables, m.optimizer.variables,
-                  m.metrics_variables)
-        for refs, values in zip(groups, state):
-            for ref, value in zip(refs, values):
-                ref.assign(value)
+        """Write each member's slice of the stacked state into its Keras model."""
+        for k, m in enumerate(self.models):
+            groups = (m.trainable_variables, m.non_trainable_variables, m.optimizer.variables,
+                      m.metrics_variables)
+            for refs, values in zip(groups, _member(state, k)):
+                for ref, value in zip(refs, values):
+                    ref.assign(value)
+
+    def chunk(self, draws, done, n):
+        """The draws of steps done..done+n-1 of every member, as a call takes them: 4 int32
+        arrays (n, K, batch) from each member's (order, rows, cols, flips)."""
+        pos = np.arange(done * self.batch, (done + n) * self.batch).reshape(n, self.batch)
+        return tuple(np.stack([d[i][pos] for d in draws], axis=1).astype(np.int32)
+                     for i in range(4))
 
     def run(self, draws, start, stop, should_stop=lambda: False):
-        """Train steps start..stop-1 of the epoch whose draws are given (cifar10.epoch_draws:
-        order, rows, cols, flips, each (n,)), in calls of self.steps; should_stop() is asked
-        between calls whether to stop early. Returns the steps done and the metrics."""
+        """Train steps start..stop-1 of the epoch, in calls of at most self.steps; draws: each
+        member's cifar10.epoch_draws (order, rows, cols, flips, each (n,)) in a list (a bare
+        tuple for a pack of one); should_stop() is asked between calls whether to stop early.
+        Returns the steps done and each member's metrics (a dict for a pack of one)."""
         import jax.numpy as jnp
-        order, rows, cols, flips = draws
+        single = isinstance(draws, tuple)
+        draws = [draws] if single else list(draws)
+        if len(draws) != len(self.models):
+            raise ValueError(f"{len(draws)} members' draws for a pack of {len(self.models)}")
         done, state = start, self.state()
         while done < stop:
             n = min(self.steps, stop - done)
-            pos = np.arange(done * self.batch, (done + self.steps) * self.batch) % len(order)
-            pos = pos.reshape(self.steps, self.batch)
-            chunk = tuple(jnp.asarray(a[pos].astype(np.int32)) for a in (order, rows, cols, flips))
-            valid = jnp.asarray(np.arange(self.steps) < n)
-            state = self._call(state, chunk, valid)
+            state = self._call(state, tuple(map(jnp.asarray, self.chunk(draws, done, n))))
             done += n
             if should_stop():
                 break
         self.sync(state)
-        return done, {k: float(v) for k, v in self.model.get_metrics_result().items()}
+        logs = [{k: float(v) for k, v in m.get_metrics_result().items()} for m in self.models]
+        return done, logs[0] if single else logs

@@ -5,6 +5,9 @@
     python bench.py backends [--backends tensorflow jax torch] [--python-jax PATH] [--cpus K]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
     KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
+    KERAS_BACKEND=jax python bench.py pack [--pack 3] [--batch-sizes 32 16 8 4 2]
+                          [--variants float32 unroll4 bf16] [--xla-flags FLAGS]
+    python bench.py plan [--pack-cost 1.0] [--step-ms 2.5]   # GPU minutes of the work left
 
 `train` (on the backend of KERAS_BACKEND: tensorflow, jax or torch; the default is
 tensorflow where it is installed, else jax): training throughput (images per second after
@@ -44,6 +47,22 @@ three layers are interleaved in every repeat so a busy CPU slows all of them ali
 and the table shows medians over repeats and the ratios to BatchNormalization.
 
 `loop`: JAX only, the scan loop (backends.ScanLoop) against fit, as a GPU runs the sweep.
+
+`pack`: JAX only, a pack of K seeds (one compiled program, backends.ScanLoop over K stacked
+states, as train.py --pack trains them) against one run alone, side by side for each N:
+images per second (all of the pack's members together) and milliseconds a step, for each
+step-cost variant (float32; unroll4: lax.scan unrolled 4 steps an iteration; bf16: mixed
+bfloat16 with float32 statistics, weights and loss), the median of --calls calls of --steps
+steps after the first (compilation; its seconds are shown). XLA flags (command buffers:
+--xla-flags "--xla_gpu_enable_command_buffer=+WHILE") are per process: compare two runs.
+
+`plan`: no measurement; the GPU minutes that the paper-scale grids still need (the entries
+without a run record in their models folder) at the speeds last measured on the lent H200
+(H200_STEP_MS: a scan-loop step at W = 8, float32, one process; between and beyond the two
+measured step sizes, linear in the step's images), and the loans of LOAN_SECONDS of
+training that makes with 4 processes at once (their measured aggregate, 1.8x one), one run
+a process or packs of the seeds (whose step costs --pack-cost solo steps: to be measured).
+--step-ms T: what if a step of 16 images took T ms, every step saving the same launch time.
 
 Writes nothing; prints the tables to stdout.
 """
@@ -632,6 +651,129 @@ def bench_loop(args):
     return rates
 
 
+# ---------------------------------------------------------------- bench.py plan
+
+# Measured on the lent H200 (README, Paper scale on a borrowed GPU; bench.py loop, 2026-11-27):
+# ms a scan-loop step of W * N images at W = 8, float32, one process: img/s 6,261 (BN) and
+# 6,325 (GN) at 16 images, 44,024 and 41,192 at 256.
+H200_STEP_MS = {"bn": ((16, 16 / 6.261), (256, 256 / 44.024)),
+                "gn": ((16, 16 / 6.325), (256, 256 / 41.192))}
+H200_PROCESSES = (4, 1.8)   # 4 processes at once: 80k img/s against 44k for one (N = 32, 16)
+LOAN_SECONDS = 600          # a loan's training time (15 minutes less start-up and packing)
+PAPER_PROFILES = ("default", "he", "norms", "workers", "groups")   # recipe.PROFILES' order at
+                            #   the paper's scale: a profile counts the runs it provides
+
+
+def run_minutes(cfg, step_ms=None):
+    """GPU minutes of one paper-scale run at the measured step times (LN, IN: as GN), its
+    evaluation (100 x 10,000 test images at 3 times the training rate at 256) included."""
+    import cifar10
+    images = cfg.batch_size * cfg.workers
+    (x0, t0), (x1, t1) = H200_STEP_MS["bn" if cfg.norm == "bn" else "gn"]
+    ms = t0 + (t1 - t0) * (images - x0) / (x1 - x0)
+    if step_ms:   # the step of 16 images in step_ms: every step saves the same launch time
+        ms -= t0 - step_ms
+    train_s = cfg.epochs * cifar10.steps_per_epoch(50_000, images) * ms / 1000
+    eval_s = cfg.epochs * 10_000 / (3 * x1 / t1 * 1000)
+    return (train_s + eval_s) / 60
+
+
+def bench_plan(args):
+    """A line per paper-scale profile: runs left, GPU minutes, the longest run, loans. Each
+    configuration counts once, in the profile that provides it (train.provider)."""
+    import math
+    import train
+    from dataclasses import replace
+    jobs, speedup = H200_PROCESSES
+    loan = LOAN_SECONDS / 60
+    print(f"{'profile':<9}{'runs left':>10}{'GPU min':>9}{'longest':>9}{'loans':>7}"
+          f"{'packs':>7}{'pack min':>10}{'loans':>7}")
+    total = [0, 0.0, 0, 0, 0.0, 0]
+    for profile in PAPER_PROFILES:
+        models = Path(args.models_dir or ".") / train.profile_paths(profile)["models_dir"]
+        left = [c for c in train.grid(profile) if train.provider(c) == profile
+                and not (models / f"{c.name}.json").exists()]
+        minutes = [run_minutes(c, args.step_ms) for c in left]
+        packs = {}
+        for c, m in zip(left, minutes):   # a pack of k seeds: its longest member, times the cost
+            packs.setdefault(replace(c, seed=0), []).append(m)
+        pack_minutes = [max(ms) * (args.pack_cost if len(ms) > 1 else 1) for ms in packs.values()]
+        longest = max(minutes, default=0)
+
+        def loans(work):
+            return max(math.ceil(sum(work) / (loan * speedup)), math.ceil(max(work, default=0) / loan))
+        print(f"{profile:<9}{len(left):>10}{sum(minutes):>9.0f}{longest:>9.1f}{loans(minutes):>7}"
+              f"{len(packs):>7}{sum(pack_minutes):>10.0f}{loans(pack_minutes):>7}")
+        total = [a + b for a, b in zip(total, (len(left), sum(minutes), loans(minutes),
+                                                len(packs), sum(pack_minutes), loans(pack_minutes)))]
+    print(f"{'all':<9}{total[0]:>10}{total[1]:>9.0f}{'-':>9}{total[2]:>7}{total[3]:>7}"
+          f"{total[4]:>10.0f}{total[5]:>7}")
+    print(f"(GPU min: one process at a time; loans of {loan:.0f} min with {jobs} processes at "
+          f"{speedup}x one; a run longer than a loan resumes in the next; packs: the seeds of an "
+          f"entry in one process at {args.pack_cost} solo steps a step)")
+
+
+# ---------------------------------------------------------------- bench.py pack (JAX)
+
+STEP_VARIANTS = {"float32": {}, "unroll4": {"unroll": 4}, "bf16": {"bfloat16": True}}
+
+
+def pack_rate(norm, batch_size, workers, k, variant, x, y, steps, calls):
+    """(img/s of all k members, ms a step, first call s) of k seeds on backends.ScanLoop, built
+    and compiled as train.py builds them, in calls of `steps` steps (at most an epoch of x)."""
+    import backends
+    import cifar10
+    import train
+    options = dict(STEP_VARIANTS[variant])
+    bf16 = options.pop("bfloat16", False)
+    step = batch_size * workers
+    steps = min(steps, cifar10.steps_per_epoch(len(y), step))
+    models, seeds = [], list(range(1, k + 1))
+    for seed in seeds:
+        cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, seed=seed,
+                           bfloat16=bf16)
+        keras.utils.set_random_seed(seed)
+        models.append(train.build_model(cfg))
+        train.compile_model(models[-1], cfg, cifar10.steps_per_epoch(len(y), step))
+    padded = cifar10.padded(x, cifar10.pixel_mean(x))
+    loop = backends.ScanLoop(models, padded, y, step, steps, **options)
+    draws = [cifar10.epoch_draws(len(y), seed, 0) for seed in seeds]
+    times = []
+    for _ in range(calls + 1):
+        start = time.perf_counter()
+        loop.run(draws, 0, steps)   # ends with the metrics read back: the call has finished
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[1:])
+    return k * steps * step / seconds, 1000 * seconds / steps, times[0]
+
+
+def bench_pack(args):
+    """One line per (norm, N, variant): one run alone and a pack of K, side by side."""
+    import backends
+    if backends.name() != "jax":
+        raise SystemExit(f"error: bench.py pack measures JAX's packs; run it with "
+                         f"KERAS_BACKEND=jax (this is {backends.name()})")
+    backends.enable_determinism()   # as train.py runs
+    x, y = synthetic(args.images)
+    print(f"devices: {', '.join(backends.gpus()) or 'CPU only'}; XLA_FLAGS="
+          f"{os.environ.get('XLA_FLAGS', '')!r}; {args.steps} steps a call, median of "
+          f"{args.calls} calls after the first")
+    k = args.pack
+    print(f"{'norm':<5}{'N':>4}{'W':>3}{'variant':>9}{'solo img/s':>12}{'solo ms':>9}"
+          f"{f'pack{k} img/s':>13}{f'pack{k} ms':>10}{'pack/solo':>11}{'compile s':>11}", flush=True)
+    rows = {}
+    for norm in args.norms:
+        for n in args.batch_sizes:
+            for variant in args.variants:
+                solo = pack_rate(norm, n, args.workers, 1, variant, x, y, args.steps, args.calls)
+                pack = pack_rate(norm, n, args.workers, k, variant, x, y, args.steps, args.calls)
+                rows[norm, n, variant] = solo, pack
+                print(f"{norm:<5}{n:>4}{args.workers:>3}{variant:>9}{solo[0]:>12.0f}"
+                      f"{solo[1]:>9.2f}{pack[0]:>13.0f}{pack[1]:>10.2f}"
+                      f"{pack[0] / solo[0]:>11.2f}{pack[2]:>11.1f}", flush=True)
+    return rows
+
+
 def add_run_arguments(t, batch_sizes, workers):
     """What `train` and `backends` share: the configurations and how each is timed."""
     t.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
@@ -717,7 +859,49 @@ def main(argv=None):
     s.add_argument("--precisions", nargs="+", choices=("float32", "mixed"), default=["float32"])
     s.add_argument("--images", type=int, default=8192, help="synthetic training images")
     s.set_defaults(run=bench_loop)
+    k = sub.add_parser("pack", help="JAX: a pack of K seeds in one compiled program against one "
+                                    "run alone, img/s and ms a step, per step-cost variant")
+    k.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
+    k.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 16, 8, 4, 2])
+    k.add_argument("--workers", type=int, default=8)
+    k.add_argument("--pack", type=int, default=3, help="K seeds in the pack (default 3)")
+    k.add_argument("--variants", nargs="+", choices=tuple(STEP_VARIANTS),
+                   default=list(STEP_VARIANTS))
+    k.add_argument("--steps", type=int, default=256, help="steps a compiled call")
+    k.add_argument("--calls", type=int, default=2, help="timed calls after the first (median)")
+    k.add_argument("--images", type=int, default=8192, help="synthetic training images")
+    k.add_argument("--xla-flags", help="added to XLA_FLAGS before JAX starts, e.g. "
+                                       "'--xla_gpu_enable_command_buffer=+WHILE'")
+    k.set_defaults(run=bench_pack)
+    q = sub.add_parser("plan", help="GPU minutes and loans of the paper-scale work left, at the "
+                                    "speeds last measured on the H200 (no measurement)")
+    q.add_argument("--pack-cost", type=float, default=1.0,
+                   help="a pack's step in solo steps (1: as cheap as one run's; to be measured)")
+    q.add_argument("--step-ms", type=float,
+                   help="a step of 16 images in this many ms, every step saving the same launch "
+                        "time (a target; measured: 2.5)")
+    q.add_argument("--models-dir", help="the repository whose models/ says what is finished "
+                                        "(default: this folder)")
+    q.set_defaults(run=bench_plan)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        if args.pack_cost <= 0 or (args.step_ms is not None and args.step_ms <= 0):
+            parser.error(f"--pack-cost and --step-ms must be positive, got {args.pack_cost} and "
+                         f"{args.step_ms}")
+    if args.command == "pack":
+        for name in ("workers", "pack", "steps", "calls", "images"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+        if min(args.batch_sizes) < 1:
+            parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
+        if args.images < max(args.batch_sizes) * args.workers:
+            parser.error(f"--images {args.images} should hold a step of "
+                         f"{max(args.batch_sizes) * args.workers} images")
+        if args.xla_flags:
+            import backends
+            if keras.backend.backend() == "jax" and backends._jax_started():
+                parser.error("--xla-flags: JAX has started in this process already")
+            backends._add_xla_flags(*args.xla_flags.split())
     if args.command == "loop":
         args.precisions = [p == "mixed" for p in args.precisions]
     if args.command in ("train", "backends"):

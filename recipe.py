@@ -124,6 +124,8 @@ PROFILES = {
     "groups": ("groups", "paper"),
     "groups-quick": ("groups", "quick"),        # about 14 minutes (G = 8, LN, IN: provided)
 }
+STEP_OPTIONS = {"unroll": 1}   # the scan loop's defaults (backends.ScanLoop; bench.py step): how
+                               #   a step runs, not what it computes (train.step_options)
 PREEMPTED = 75              # exit status after a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL)
 # ---------------------------------------------------------------------------
 
@@ -144,6 +146,8 @@ class Config:
     channels_per_group: int | None = None   # GN: C / G fixed in every layer instead of G
     learning_rate: float | None = None      # a fixed rate instead of 0.1 * N / 32 (None: the rule)
     schedule: str = "paper"           # SCHEDULES: the GN paper's, or He et al.'s ("he")
+    bfloat16: bool = False            # mixed_bfloat16: bf16 convolutions; float32 weights, BN/GN
+                                      #   statistics, logits and loss; no loss scaling (GPU option)
 
     def __post_init__(self):
         # One configuration, one form: a fixed rate equal to the rule's is the rule (so the
@@ -269,7 +273,7 @@ def parse_args(argv=None):
     doc = train_usage().splitlines()
     p = argparse.ArgumentParser(description=doc[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(doc[3:13]))
+                                epilog="\n".join(doc[3:16]))
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
@@ -281,6 +285,12 @@ def parse_args(argv=None):
     what.add_argument("--seeds", type=_ints,
                       help="the grid with these seeds instead of the profile's, e.g. '1 2 3' "
                            "(give it to --grid and --task alike: it renumbers the grid)")
+    what.add_argument("--pack", action="store_true",
+                      help="the run with each seed of --seeds (default: the profile's), in one "
+                           "compiled program on JAX's scan loop (one after another elsewhere); "
+                           "a member's files are its solo run's")
+    what.add_argument("--no-pack", action="store_true",
+                      help="(whole profile) every grid entry in a process of its own, no packs")
     run = p.add_argument_group("one run (override the profile's or the grid entry's settings)")
     run.add_argument("--norm", choices=NORMS)
     run.add_argument("--batch-size", type=int, help="images per worker, N")
@@ -333,6 +343,12 @@ def parse_args(argv=None):
     gpu.add_argument("--mixed-precision", action="store_true",
                      help="mixed_float16: float16 convolutions, float32 weights, normalization "
                           "statistics and logits, loss scaling")
+    gpu.add_argument("--bfloat16", action="store_true",
+                     help="mixed_bfloat16: bfloat16 convolutions, float32 weights, normalization "
+                          "statistics, logits and loss (no loss scaling)")
+    gpu.add_argument("--unroll", type=int,
+                     help=f"(scan loop) steps per iteration of the compiled loop, lax.scan's "
+                          f"unroll (default {STEP_OPTIONS['unroll']}); recorded in the run record")
     args = p.parse_args(argv)
     if args.threads < 0:
         p.error(f"--threads must be 0 (one per core) or a positive integer, got {args.threads}")
@@ -341,8 +357,10 @@ def parse_args(argv=None):
         p.error(f"--seeds should be distinct non-negative integers, got {args.seeds}")
     if args.groups is not None and args.channels_per_group is not None:
         p.error("give --groups or --channels-per-group, not both")
+    if args.mixed_precision and args.bfloat16:
+        p.error("give --mixed-precision (float16) or --bfloat16, not both")
     for name in ("batch_size", "workers", "devices", "epochs", "groups", "channels_per_group",
-                 "train_images", "test_images", "jobs"):
+                 "train_images", "test_images", "jobs", "unroll"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -374,7 +392,8 @@ def resolve(p, args):
         overrides["channels_per_group"] = None   # G given: fixed groups, not a group size
     if args.channels_per_group is not None:
         overrides["groups"] = GROUPS             # C / G given: G is not the run's setting
-    overrides |= {k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)}
+    overrides |= {k: True for k in ("jit_compile", "mixed_precision", "bfloat16")
+                  if getattr(args, k)}
     cfg = replace(cfg, **overrides)
     if cfg.channels_per_group is not None and cfg.norm != "gn":
         p.error(f"--channels-per-group is GN's setting; this run's norm is {cfg.norm}")

@@ -4,6 +4,8 @@
     python sweep.py --profile quick --tasks "0 3"   # some entries (indices of train.py --grid)
     python sweep.py --jobs 2 [train.py options]     # options reach every entry's train.py
     python sweep.py --profile quick --seeds "1 2 3" # the grid with other seeds
+    python sweep.py --profile quick --seeds "1 2 3" --loop scan   # JAX: the seeds of an entry
+                                                    # in one process, a pack (--no-pack: not)
     python train.py --profile quick                 # the same (train.py hands over to this file)
     bash train.sh [args]                            # the same, where there is no SLURM
 
@@ -12,7 +14,10 @@ at a time (default: one per core on a CPU, one with a GPU), smallest batches fir
 take longest); their output is relayed line by line. CIFAR-10 is looked for (and, in
 the Keras cache, fetched) once before any entry starts: without it the sweep says where it
 looked and what to do, once, and exits with status 1. A failed entry does not stop the
-others; the failures are listed at the end and the exit status is 1. SIGINT (Ctrl-C),
+others; the failures are listed at the end and the exit status is 1. Where a run would
+train on JAX's scan loop (KERAS_BACKEND=jax, with --loop scan, or a GPU), the entries that
+differ only in seed train as one process, a pack (train.py --pack; its members write
+their solo runs' files); --no-pack runs every entry alone. SIGINT (Ctrl-C),
 SIGTERM or SIGUSR1 asks every running entry to checkpoint (SIGUSR1, at the end of its
 current compiled call) and the sweep exits with status 75 (recipe.PREEMPTED); the same
 command resumes. When every entry has finished: reproduce.py writes the profile's
@@ -23,6 +28,7 @@ and the figure of the profile's study where it has one).
 On a SLURM cluster the grid runs as an array job instead (sbatch train.sh), one entry per
 array task; gpu.sh runs it on one borrowed GPU within a time budget.
 """
+import json
 import os
 import shutil
 import signal
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cifar10
@@ -44,11 +51,80 @@ def forwarded(args):
     if args.seeds:
         out += ["--seeds", " ".join(map(str, args.seeds))]
     for name in ("epochs", "workers", "train_images", "test_images", "data_dir",
-                 "models_dir", "logs_dir", "threads", "devices", "loop"):
+                 "models_dir", "logs_dir", "threads", "devices", "loop", "unroll"):
         if getattr(args, name, None) is not None:
             out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision")
+    return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision",
+                                                              "bfloat16")
                   if getattr(args, f, False)]
+
+
+def packing(args):
+    """Whether entries that differ only in seed train as packs: on JAX's scan loop, unless
+    --no-pack (packs anywhere else would train their seeds one after another, in one
+    process: fewer runs at once for nothing)."""
+    if getattr(args, "no_pack", False) or keras_backend() != "jax":
+        return False
+    return args.loop == "scan" or (args.loop == "auto" and has_gpu())
+
+
+def keras_backend():
+    """The Keras backend the entries will run on, read as Keras reads it ($KERAS_BACKEND, else
+    the keras.json of $KERAS_HOME or ~/.keras, else TensorFlow) without starting Keras here."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    try:
+        return json.loads((home / "keras.json").read_text()).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
+def packs(entries, tasks):
+    """tasks (indices of entries) grouped into packs, entries that differ only in seed, in
+    the order of each pack's first task."""
+    groups = {}
+    for t in tasks:
+        groups.setdefault(replace(entries[t], seed=0), []).append(t)
+    return list(groups.values())
+
+
+def pack_arguments(profile, entries, tasks):
+    """train.py's arguments that run entries[tasks] (differing only in seed) as one pack:
+    --task J --seeds S --pack, J in the grid of those seeds (train.py renumbers for --seeds)."""
+    seeds = [entries[t].seed for t in tasks]
+    task = recipe.grid(profile, seeds).index(entries[tasks[0]])
+    return ["--task", str(task), "--seeds", " ".join(map(str, seeds)), "--pack"]
+
+
+def queue(profile, seeds=None, tasks=None, pack=True):
+    """(train.py arguments, run names) per process, the longest first (the fewest images a
+    step: N = 2 takes 16 times the steps of N = 32; then the bigger pack): gpu.sh's queue."""
+    entries = recipe.grid(profile, seeds)
+    tasks = list(range(len(entries))) if tasks is None else list(tasks)
+    groups = packs(entries, tasks) if pack else [[t] for t in tasks]
+    groups.sort(key=lambda g: (entries[g[0]].batch_size * entries[g[0]].workers, -len(g)))
+    return [(pack_arguments(profile, entries, g) if pack else ["--task", str(g[0])],
+             [entries[t].name for t in g]) for g in groups]
+
+
+def print_queue(profile, seeds="", tasks="", pack="1", pending=""):
+    """gpu.sh's queue, one process a line: TASK SEEDS NAME... (SEEDS '-': a solo run, TASK in
+    the grid of the profile's or SEEDS' seeds; else comma-separated, a pack, TASK in the grid
+    of those). No tasks and `pending`: the entries without a run record in the profile's
+    models folder (the committed paper-scale runs), less those another profile provides
+    (recipe.provider: that profile's queue trains them, once)."""
+    if profile not in recipe.PROFILES:
+        sys.exit(f"gpu.sh: no profile {profile!r}: one of {list(recipe.PROFILES)}")
+    seeds = recipe._ints(seeds) or None
+    tasks = recipe._ints(tasks) if tasks.strip() else None
+    if tasks is None and pending:
+        models = Path(recipe.profile_paths(profile)["models_dir"])
+        tasks = [i for i, c in enumerate(recipe.grid(profile, seeds))
+                 if not (models / f"{c.name}.json").exists() and recipe.provider(c) == profile]
+    for args, names in queue(profile, seeds, tasks, pack not in ("0", "")):
+        pack_seeds = args[3].replace(" ", ",") if "--pack" in args else "-"
+        print(args[1], pack_seeds, *names)
 
 
 def has_gpu():
@@ -151,9 +227,18 @@ def sweep(args, stop):
     tasks = sorted(tasks, key=lambda i: entries[i].batch_size)   # longest runs first
     jobs = args.jobs or default_jobs(args.threads)
     cifar10.require(args.data_dir)   # once, here: not once per entry, with a traceback each
-    print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
-    commands = {t: [sys.executable, "-u", str(HERE / "train.py"), "--task", str(t), *forwarded(args)]
-                for t in tasks}
+    script = [sys.executable, "-u", str(HERE / "train.py")]
+    if packing(args):
+        groups = packs(entries, tasks)
+        print(f"profile {args.profile}: {len(tasks)} runs in {len(groups)} packs (one process "
+              f"each; --no-pack: one per run), {jobs} at a time", flush=True)
+        # (pack_arguments' --seeds comes after forwarded's, so it is the one train.py reads)
+        commands = {"+".join(map(str, g)): [*script, *forwarded(args),
+                                            *pack_arguments(args.profile, entries, g)]
+                    for g in groups}
+    else:
+        print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
+        commands = {t: [*script, "--task", str(t), *forwarded(args)] for t in tasks}
     code = run_entries(commands, jobs, stop, label=f"profile {args.profile}")
     if code:
         return code
@@ -179,6 +264,9 @@ def main(argv=None, stop=None):
     if singles:
         p.error(f"{' '.join(singles)}: a sweep runs every entry of the grid as it is defined; "
                 f"for one run use python train.py (e.g. --task I)")
+    if args.pack:
+        p.error("--pack packs one run's seeds (python train.py --norm ... --pack); a sweep packs "
+                "its grid's entries itself where they train on JAX's scan loop (--no-pack: not)")
     n = len(recipe.grid(args.profile, args.seeds))
     outside = [t for t in args.tasks or [] if not 0 <= t < n]
     if outside:

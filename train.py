@@ -7,6 +7,9 @@ builder and one resumable run with its command line (the recipe and the grids: r
                                                          # (on 2 GPUs: see backends.py)
     KERAS_BACKEND=jax python train.py ...                # any Keras backend: TensorFlow
                                                          # (default), JAX, PyTorch
+    KERAS_BACKEND=jax python train.py --norm bn --batch-size 2 --seeds "1 2 3" --pack
+                                                         # 3 seeds in one compiled program
+                                                         # (JAX's scan loop; else in turn)
     python train.py --grid [--profile quick]             # print a profile's grid
     python train.py --profile quick                      # every entry of a profile's grid,
                                                          # then reproduce.py and plot.py
@@ -43,7 +46,7 @@ from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py
     StopOnSignal, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY, GROUPS,
     BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION, IMAGES_PER_SCAN, THREADS,
     NORMS, BATCH_SIZES, SEEDS, WORKERS, GROUP_COUNTS, CHANNELS_PER_GROUP, STUDIES, SCALES,
-    PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES, Config, base_config, grid, provider, paper_runs,
+    PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES, STEP_OPTIONS, Config, base_config, grid, provider, paper_runs,
     profile_paths, check_groups, parse_args, resolve, print_grid,
 )
 
@@ -64,6 +67,9 @@ def before_backend(argv=None, stop=None):
         hand_over(sys.argv[1:] if argv is None else argv, stop)
     if args.tasks is not None:
         p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
+    if args.pack and args.seed is not None:
+        p.error(f"--pack trains the run with each seed of --seeds; give --seeds, not --seed "
+                f"{args.seed}")
     cfg = resolve(p, args)
     by = provider(cfg)
     if by != cfg.profile and args.models_dir is None and args.logs_dir is None:
@@ -72,10 +78,20 @@ def before_backend(argv=None, stop=None):
               f"{profile_paths(by)['models_dir']}/", flush=True)
         cfg = replace(cfg, profile=by)
     paths = profile_paths(cfg.profile, args)
-    run = runfiles.Paths(paths["models_dir"], paths["logs_dir"], cfg.name)
-    if args.force or not runfiles.finished_record(run, asdict(cfg), asdict(Config())):
-        cifar10.require(args.data_dir)
+    for member in pack_of(args, cfg):
+        run = runfiles.Paths(paths["models_dir"], paths["logs_dir"], member.name)
+        if args.force or not runfiles.finished_record(run, asdict(member), asdict(Config())):
+            cifar10.require(args.data_dir)
+            break
     return args, cfg, paths
+
+
+def pack_of(args, cfg):
+    """The runs that the command line asks for: cfg, or with --pack cfg with each seed of
+    --seeds (default: its scale's)."""
+    if not args.pack:
+        return [cfg]
+    return [replace(cfg, seed=s) for s in args.seeds or SCALES[PROFILES[cfg.profile][1]]["seeds"]]
 
 
 def hand_over(argv, stop=None):
@@ -222,9 +238,13 @@ def build_resnet20(norm="bn", groups=GROUPS, workers=1, **kwargs):
 @contextlib.contextmanager
 def dtype_policy(cfg):
     """Keras' global dtype policy while cfg's model is built: mixed_float16 with
-    --mixed-precision (compile then adds loss scaling), float32 otherwise."""
+    --mixed-precision (compile then adds loss scaling), mixed_bfloat16 with --bfloat16,
+    float32 otherwise."""
+    if cfg.mixed_precision and cfg.bfloat16:
+        raise ValueError("give mixed_precision (float16) or bfloat16, not both")
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else
+                                  "mixed_bfloat16" if cfg.bfloat16 else "float32")
     try:
         yield
     finally:
@@ -361,52 +381,75 @@ class Batches(keras.utils.PyDataset):
         return self.batches[i]
 
 
-def _fit_epoch(model, data, cfg, state, stop, progress, total):
-    """The rest of the epoch through model.fit; (steps done, last logs)."""
+class Member:
+    """One run as the epoch loop holds it: its Config, files (runfiles.Paths), Keras model,
+    state (what its checkpoint saves) and TensorBoard writer. A pack is a list of these."""
+
+    def __init__(self, cfg, paths, model, state, options=None):
+        self.cfg, self.paths, self.model, self.state, self.writer = cfg, paths, model, state, None
+        self.options = options or {}   # how the step runs, not what it computes (STEP_OPTIONS)
+
+
+def _fit_epoch(members, data, stop, progress, total):
+    """The rest of the epoch through model.fit (one member); (steps done, [last logs])."""
+    (m,) = members
+    cfg, state = m.cfg, m.state
     batches = cifar10.TrainBatches(data.padded, data.y_train, cfg.batch_size * cfg.workers,
                                    cfg.seed, state["epoch"], skip_batches=state["step"])
     saved = (state["partial"] or {}).get("metrics")
     callback = StepCallback(stop, state["step"], total, progress, metrics=saved)
-    model.fit(Batches(batches), epochs=1, verbose=0, shuffle=False, callbacks=[callback])
-    return callback.steps, {**callback.logs, "metrics": metric_state(model),
-                            "restored": callback.restored}
+    m.model.fit(Batches(batches), epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+    return callback.steps, [{**callback.logs, "metrics": metric_state(m.model),
+                             "restored": callback.restored}]
 
 
-def scan_loop(model, padded, labels, batch):
-    """backends.ScanLoop with IMAGES_PER_SCAN images of steps per call (at most an epoch)."""
-    steps = max(1, min(cifar10.steps_per_epoch(len(labels), batch), IMAGES_PER_SCAN // batch))
-    return backends.ScanLoop(model, padded, labels, batch, steps)
+def scan_loop(models, padded, labels, batch, unroll=1):
+    """backends.ScanLoop over models (one, or a pack) with at most IMAGES_PER_SCAN images of
+    steps per call, the calls of an epoch as equal as they can be: an epoch's steps then
+    take two call lengths at most (two compilations), resumed ones perhaps a third."""
+    total = cifar10.steps_per_epoch(len(labels), batch)
+    most = max(1, min(total, IMAGES_PER_SCAN // batch))
+    calls = -(-total // most)
+    return backends.ScanLoop(models, padded, labels, batch, -(-total // calls), unroll=unroll)
 
 
-def _scan_epoch(model, data, cfg, state, stop, progress, total):
-    """The rest of the epoch through backends.ScanLoop (JAX): (steps done, metrics)."""
-    loop = getattr(model, "_scan_loop", None)   # compiled once per run
+def _scan_epoch(members, data, stop, progress, total):
+    """The rest of the epoch through backends.ScanLoop (JAX), every member at once in one
+    compiled program: (steps done, each member's metrics)."""
+    first = members[0]
+    loop = getattr(first.model, "_scan_loop", None)   # compiled once per pack
     if loop is None:
-        loop = model._scan_loop = scan_loop(model, data.padded, data.y_train,
-                                            cfg.batch_size * cfg.workers)
+        loop = first.model._scan_loop = scan_loop(
+            [m.model for m in members], data.padded, data.y_train,
+            first.cfg.batch_size * first.cfg.workers, first.options.get("unroll", 1))
     bar = keras.utils.Progbar(total, stateful_metrics=["ce", "acc"]) if progress else None
-    model.reset_metrics()
-    draws = cifar10.epoch_draws(len(data.y_train), cfg.seed, state["epoch"])
-    steps, logs = loop.run(draws, state["step"], total, lambda: bool(stop.requested))
+    for m in members:
+        m.model.reset_metrics()
+    draws = [cifar10.epoch_draws(len(data.y_train), m.cfg.seed, m.state["epoch"]) for m in members]
+    steps, logs = loop.run(draws, first.state["step"], total, lambda: bool(stop.requested))
     if bar:
-        bar.update(steps, [(k, logs[k]) for k in ("ce", "acc") if k in logs])
+        bar.update(steps, [(k, logs[0][k]) for k in ("ce", "acc") if k in logs[0]])
     return steps, logs
 
 
-def train_epoch(model, data, cfg, state, stop, progress, loop="fit"):
-    """Train (the rest of) epoch state['epoch']; return True if it completed."""
+def train_epoch(members, data, stop, progress, loop="fit"):
+    """Train (the rest of) epoch state['epoch'] of every member (all at the same step; one
+    member under fit); return True if it completed."""
+    cfg = members[0].cfg
     batch = cfg.batch_size * cfg.workers
     total = cifar10.steps_per_epoch(len(data.y_train), batch)
-    skip = state["step"]
+    skip = members[0].state["step"]
     start = time.perf_counter()
-    steps, logs = (_scan_epoch if loop == "scan" else _fit_epoch)(
-        model, data, cfg, state, stop, progress, total)
+    steps, logs = (_scan_epoch if loop == "scan" else _fit_epoch)(members, data, stop, progress,
+                                                                  total)
     seconds = time.perf_counter() - start
-    state["train_seconds"] += seconds
-    state["train_images"] += (steps - skip) * batch
-    state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + seconds
-    state["partial"] = _merge(state["partial"], steps, logs)
-    state["step"] = steps
+    for m, member_logs in zip(members, logs):
+        state = m.state
+        state["train_seconds"] += seconds
+        state["train_images"] += (steps - skip) * batch
+        state["epoch_seconds"] = state.get("epoch_seconds", 0.0) + seconds
+        state["partial"] = _merge(state["partial"], steps, member_logs)
+        state["step"] = steps
     return steps >= total
 
 
@@ -442,7 +485,7 @@ def median_last5(history):
     return float(statistics.median(e["test_error"] for e in history[-5:]))
 
 
-def finish(paths, model, data, cfg, state, devices, loop):
+def finish(paths, model, data, cfg, state, devices, loop, options=None):
     test_loss, test_error = evaluate(model, data)
     step = cfg.batch_size * cfg.workers
     steps = cifar10.steps_per_epoch(len(data.y_train), step)
@@ -470,6 +513,11 @@ def finish(paths, model, data, cfg, state, devices, loop):
         "resumed": state["resumed"],
         "devices": devices,   # the last session's: a resumed run may have changed them
         "loop": loop,         # fit, or scan (backends.ScanLoop): the last session's
+        # the runs trained in one compiled program with this one (a pack, any session)
+        "packed_with": state.get("packed_with", []),
+        "step_options": options or {},   # how the scan loop ran its step (step_options)
+        # XLA's flags (JAX): command buffers (CUDA graphs) and determinism are set there
+        "xla_flags": os.environ.get("XLA_FLAGS", "") if backends.name() == "jax" else None,
         "jit_compile_used": bool(model.jit_compile),   # what Keras did with --jit-compile
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **runfiles.provenance(),
@@ -486,36 +534,82 @@ def finish(paths, model, data, cfg, state, devices, loop):
 
 
 def train(cfg, data_dir=None, models_dir="models", logs_dir="logs", force=False, progress=None,
-          stop=None, devices=None, loop="auto"):
+          stop=None, devices=None, loop="auto", options=None):
     """Run (or resume) one configuration; return the process exit status (0, PREEMPTED, or
     runfiles.BUSY where another process is training the same run: its lock, runfiles.RunLock).
 
     devices: K, to train on K devices (see backends.pick_devices); the result is the same
     experiment. loop: "fit" (model.fit), "scan" (JAX only: backends.ScanLoop), or "auto"
-    (scan on JAX with a GPU, fit elsewhere).
+    (scan on JAX with a GPU, fit elsewhere). options: how the scan loop's step runs
+    (step_options), recorded in the run record.
     """
-    loop = resolve_loop(loop)
-    paths = runfiles.Paths(models_dir, logs_dir, cfg.name)
+    return train_pack([cfg], data_dir, models_dir, logs_dir, force, progress, stop, devices, loop,
+                      options)
 
-    def finished():
-        if force or not runfiles.finished_record(paths, asdict(cfg), asdict(Config())):
-            return False
-        print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
-        return True
-    if finished():
-        return 0
-    with runfiles.RunLock(paths) as lock:
-        if not lock.held:
-            print(f"{cfg.name}: {lock.holder} is training this run (it holds {paths.lock}); "
-                  f"exiting with status {runfiles.BUSY}", file=sys.stderr, flush=True)
-            return runfiles.BUSY
-        if finished():   # by the process that held the lock a moment ago
-            return 0
+
+def train_pack(cfgs, data_dir=None, models_dir="models", logs_dir="logs", force=False,
+               progress=None, stop=None, devices=None, loop="auto", options=None):
+    """Run (or resume) configurations that differ only in seed (pack_configs), as train()
+    runs one: on JAX's scan loop in one compiled program (a pack; a solo run is a pack of
+    one), elsewhere one after another. Finished members are skipped; members that stand at
+    different points (epoch, step) of their runs train as separate packs, the least
+    advanced first. Returns 0, or PREEMPTED once stopped."""
+    loop = resolve_loop(loop)
+    pending, busy = [], []
+    with contextlib.ExitStack() as stack:
+        for cfg in pack_configs(cfgs):
+            paths = runfiles.Paths(models_dir, logs_dir, cfg.name)
+            if _finished(cfg, paths, force):
+                continue
+            lock = stack.enter_context(runfiles.RunLock(paths))   # each member its own
+            if not lock.held:
+                print(f"{cfg.name}: {lock.holder} is training this run (it holds {paths.lock}); "
+                      f"not training it here", file=sys.stderr, flush=True)
+                busy.append(cfg)
+            elif not _finished(cfg, paths, force):   # (by the process that held the lock)
+                pending.append((cfg, paths))
+        if not pending:
+            if busy:
+                print(f"exiting with status {runfiles.BUSY}: another process trains "
+                      f"{', '.join(c.name for c in busy)}", file=sys.stderr, flush=True)
+            return runfiles.BUSY if busy else 0
         progress = sys.stdout.isatty() if progress is None else progress
         if stop is None:
-            with StopOnSignal() as stop:
-                return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
-        return _train(cfg, paths, data_dir, force, progress, stop, devices, loop)
+            stop = stack.enter_context(StopOnSignal())
+        if loop == "scan" or len(pending) == 1:
+            return _train(pending, data_dir, force, progress, stop, devices, loop, options)
+        print(f"{len(pending)} runs ({', '.join(c.name for c, _ in pending)}): one after another "
+              f"(packs need JAX's scan loop: KERAS_BACKEND=jax, --loop scan)", flush=True)
+        for run in pending:
+            code = _train([run], data_dir, force, progress, stop, devices, loop, options)
+            if code:
+                return code
+        return 0
+
+
+def _finished(cfg, paths, force):
+    """Whether cfg's run has finished (said once), unless --force retrains it."""
+    if force or not runfiles.finished_record(paths, asdict(cfg), asdict(Config())):
+        return False
+    print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
+    return True
+
+
+def pack_configs(cfgs):
+    """Check that cfgs may form a pack (distinct seeds, nothing else different); cfgs."""
+    rest = {replace(c, seed=0) for c in cfgs}
+    if len(rest) > 1 or len({c.seed for c in cfgs}) < len(cfgs):
+        raise ValueError(f"a pack's runs differ in their seeds only; got "
+                         f"{', '.join(c.name for c in cfgs)}")
+    return cfgs
+
+
+def step_options(options=None):
+    """How the scan loop runs a step, defaults filled in (what the run record says)."""
+    unknown = set(options or {}) - set(STEP_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown step options {sorted(unknown)}; known: {sorted(STEP_OPTIONS)}")
+    return {**STEP_OPTIONS, **(options or {})}
 
 
 def resolve_loop(loop):
@@ -531,14 +625,41 @@ def resolve_loop(loop):
     return loop
 
 
-def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"):
-    backends.enable_determinism()
+def _start(cfg, paths, steps, devices, force, options=None):
+    """cfg's Member: its model (initialised from cfg.seed, as every run of cfg is), compiled,
+    restored from its checkpoint if it has one."""
     keras.utils.set_random_seed(cfg.seed)
+    with backends.distributed(devices):   # variables on every device
+        model = build_model(cfg, devices=len(devices))
+        compile_model(model, cfg, steps, devices=len(devices))
+    if force:
+        paths.checkpoint.unlink(missing_ok=True)
+    state = runfiles.load_checkpoint(paths, model, asdict(cfg), asdict(Config()))
+    if state:
+        state["resumed"] += 1
+        print(f"{cfg.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']} "
+              f"from {paths.checkpoint}", flush=True)
+    else:
+        state = {"config": asdict(cfg), "epoch": 0, "step": 0, "partial": None, "history": [],
+                 "train_seconds": 0.0, "train_images": 0, "wall_seconds": 0.0, "resumed": 0}
+    return Member(cfg, paths, model, state, options)
+
+
+def _train(runs, data_dir, force, progress, stop, devices=None, loop="fit", options=None):
+    """runs: (Config, Paths) pairs, one, or a pack's (scan loop only)."""
+    backends.enable_determinism()
+    cfg = runs[0][0]
     names = backends.pick_devices(cfg.workers, devices)   # before the data: a wrong --devices fails fast
     if len(names) > 1 and loop == "scan":
         print(f"note: --loop scan is single-device; on {len(names)} devices the run uses fit",
               flush=True)
         loop = "fit"
+        if len(runs) > 1:   # no pack then: its runs one after another
+            for run in runs:
+                code = _train([run], data_dir, force, progress, stop, devices, loop, options)
+                if code:
+                    return code
+            return 0
     data = cifar10.prepare_data(data_dir, cfg.train_images, cfg.test_images)
     steps = cifar10.steps_per_epoch(len(data.y_train), cfg.batch_size * cfg.workers)
     if steps < 1:
@@ -552,44 +673,62 @@ def _train(cfg, paths, data_dir, force, progress, stop, devices=None, loop="fit"
         print(f"{cfg.name}: {backends.parallel_name()} over {', '.join(names)}, "
               f"{cfg.workers // len(names)} worker(s) of {cfg.batch_size} images on each",
               flush=True)
-    with backends.distributed(names):   # variables on every device
-        model = build_model(cfg, devices=len(names))
-        compile_model(model, cfg, steps, devices=len(names))
-    if force:
-        paths.checkpoint.unlink(missing_ok=True)
-    state = runfiles.load_checkpoint(paths, model, asdict(cfg), asdict(Config()))
-    if state:
-        state["resumed"] += 1
-        print(f"{cfg.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']} "
-              f"from {paths.checkpoint}", flush=True)
-    else:
-        state = {"config": asdict(cfg), "epoch": 0, "step": 0, "partial": None, "history": [],
-                 "train_seconds": 0.0, "train_images": 0, "wall_seconds": 0.0, "resumed": 0}
+    options = step_options(options) if loop == "scan" else {}
+    members = [_start(c, paths, steps, names, force, options) for c, paths in runs]
+    points = {}
+    for m in members:
+        points.setdefault((m.state["epoch"], m.state["step"]), []).append(m)
+    if len(points) > 1:
+        print(f"note: the pack's runs stand at {len(points)} different points; each point "
+              f"trains as its own pack, the least advanced first", flush=True)
+    for point in sorted(points):
+        code = _train_members(points[point], data, stop, progress, names, loop)
+        if code:
+            return code
+    return 0
+
+
+def _train_members(members, data, stop, progress, names, loop):
+    """The epoch loop of members that stand at the same point: one run, or a pack."""
     import tensorboard.summary
-    writer = tensorboard.summary.Writer(str(paths.logs))
-    while state["epoch"] < cfg.epochs:
+    cfg = members[0].cfg
+    for m in members:
+        m.writer = tensorboard.summary.Writer(str(m.paths.logs))
+        others = [o.cfg.name for o in members if o is not m]
+        m.state["packed_with"] = sorted(set(m.state.get("packed_with", [])) | set(others))
+    if len(members) > 1:
+        print(f"pack of {len(members)}: {', '.join(m.cfg.name for m in members)} in one "
+              f"compiled program", flush=True)
+    while members[0].state["epoch"] < cfg.epochs:
         start = time.perf_counter()
-        done = not stop.requested and train_epoch(model, data, cfg, state, stop, progress, loop)
-        if done:
-            end_epoch(model, data, cfg, state, writer)
-        state["wall_seconds"] += time.perf_counter() - start
-        runfiles.save_checkpoint(paths, model, state)
+        if not stop.requested and train_epoch(members, data, stop, progress, loop):
+            for m in members:
+                end_epoch(m.model, data, m.cfg, m.state, m.writer)
+        seconds = time.perf_counter() - start   # a pack's: each member waited for all of it
+        for m in members:
+            m.state["wall_seconds"] += seconds
+            runfiles.save_checkpoint(m.paths, m.model, m.state)
         if stop.requested:
-            print(f"{cfg.name}: checkpointed at epoch {state['epoch'] + 1}, step {state['step']} "
-                  f"({paths.checkpoint}); exiting with status {PREEMPTED}", flush=True)
+            for m in members:
+                print(f"{m.cfg.name}: checkpointed at epoch {m.state['epoch'] + 1}, step "
+                      f"{m.state['step']} ({m.paths.checkpoint}); exiting with status "
+                      f"{PREEMPTED}", flush=True)
             return PREEMPTED
-    finish(paths, model, data, cfg, state, names, loop)
+    for m in members:
+        finish(m.paths, m.model, data, m.cfg, m.state, names, loop, m.options)
     return 0
 
 
 
 
 def main(argv=None, stop=None, run=None):
-    """One run of the command line (run: before_backend's answer, where it was asked already)."""
+    """One run of the command line, or a pack of it (run: before_backend's answer, where it
+    was asked already)."""
     args, cfg, paths = run or before_backend(argv, stop)
     backends.set_threads(args.threads)
-    return train(cfg, args.data_dir, paths["models_dir"], paths["logs_dir"], args.force,
-                 stop=stop, devices=args.devices, loop=args.loop)
+    options = {"unroll": args.unroll} if args.unroll else None
+    return train_pack(pack_of(args, cfg), args.data_dir, paths["models_dir"], paths["logs_dir"],
+                      args.force, stop=stop, devices=args.devices, loop=args.loop, options=options)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@
 # jobs itself (--requeue), and a cancelled task resumes when it is submitted again. A task
 # whose model is finished exits at once, so resubmitting the whole array is always safe.
 #
+# Packs (KERAS_BACKEND=jax): the array task of a configuration's first seed trains all its
+# seeds in one process (train.py --task I --pack: one compiled program on the scan loop,
+# the default with a GPU; one after another on fit), each writing its solo run's files; the
+# tasks of its other seeds exit at once. PACK=0 (or --no-pack) trains every task alone.
+#
 # The array below covers the largest grid of train.py's profiles (a test checks it): a task
 # beyond a smaller grid (--profile quick: 10 entries) exits at once, doing nothing. To skip
 # those idle tasks, submit the grid's own range: sbatch --array=0-9 train.sh --profile quick.
@@ -127,7 +132,22 @@ if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
         echo "train.sh: the grid of these arguments has no entry $task; nothing to do"
         exit 0
     fi
-    run_task "$task" "$@"
+    pack=()
+    if [[ ${KERAS_BACKEND:-} == jax && ${PACK:-1} != 0 && " $* " != *" --no-pack "* ]]; then
+        # Seed-major grid: entry I's pack is led by entry I mod (entries of the first seed).
+        leader=$(awk -v task="$task" '!/^#/ {match($0, /--seed [0-9]+/)
+                                             s = substr($0, RSTART + 7, RLENGTH - 7)
+                                             if (first == "") first = s
+                                             if (s == first) n++}
+                                      END {print (n ? task % n : "")}' \
+            <<<"$("$PYTHON" train.py --grid "$@")")
+        if [[ -n $leader && $leader != "$task" ]]; then
+            echo "train.sh: grid entry $task trains in the pack of entry $leader (KERAS_BACKEND=jax; PACK=0: alone); nothing to do"
+            exit 0
+        fi
+        pack=(--pack)
+    fi
+    run_task "$task" "${pack[@]}" "$@"
     status=$?
     if ((status == PREEMPTED)) && [[ $caught == USR1 ]]; then
         # SLURM ends this run of the task and queues it again (after ~2 minutes, cred_expire).

@@ -242,3 +242,54 @@ def test_options_and_threads_are_recorded(cifar_dir, tmp_path):
     assert record["jit_compile_used"] is False
     assert result.stderr.count("note: --jit-compile: Keras trains without XLA") == 1
     assert np.isfinite(record["test_loss"])
+
+
+@pytest.mark.usefixtures("needs_backends_venv")
+def test_bench_pack_table():
+    """bench.py pack on JAX (the venv without TensorFlow): one run alone and a pack side by
+    side, a row per (norm, N, variant); on this CPU it only runs (its numbers are a GPU's)."""
+    result = subprocess.run(
+        [str(BACKENDS_PYTHON), "bench.py", "pack", "--norms", "gn", "--batch-sizes", "2",
+         "--workers", "2", "--pack", "2", "--steps", "2", "--calls", "1", "--images", "16",
+         "--variants", "float32", "bf16"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("backend=jax ")
+    header, rows = table(result.stdout, "norm")
+    assert header == ["norm", "N", "W", "variant", "solo img/s", "solo ms", "pack2 img/s",
+                      "pack2 ms", "pack/solo", "compile s"]
+    assert [r[:4] for r in rows] == [["gn", "2", "2", "float32"], ["gn", "2", "2", "bf16"]]
+    for row in rows:
+        solo, solo_ms, pack, pack_ms, ratio = map(float, row[4:9])
+        assert min(solo, solo_ms, pack, pack_ms) > 0
+        # (img/s printed to the unit: the ratio within that rounding)
+        assert (pack - 0.5) / (solo + 0.5) - 0.01 <= ratio <= (pack + 0.5) / max(solo - 0.5, 1e-9) + 0.01
+
+
+def test_bench_plan_table(capsys):
+    """The GPU minutes of the paper-scale work left: a row per paper-scale profile, runs left
+    counted from the run records in models/ (here: none, so every entry)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as empty:
+        bench.main(["plan", "--models-dir", empty])
+    header, rows = table(capsys.readouterr().out, "profile")
+    assert header == ["profile", "runs left", "GPU min", "longest", "loans", "packs", "pack min",
+                      "loans"]
+    assert [r[0] for r in rows] == [*bench.PAPER_PROFILES, "all"]
+    # each configuration once, in the profile that provides it: 72 runs, not the grids' 102
+    assert bench.PAPER_PROFILES == tuple(p for p, (_, s) in train.PROFILES.items() if s == "paper")
+    assert [int(r[1]) for r in rows] == [30, 3, 6, 12, 21, 72]
+    default = rows[0]
+    # N = 2 at W = 8: 312,500 steps of 16 images at the measured 2.5 ms, and its evaluation
+    assert float(default[3]) == pytest.approx(312_500 * 16 / 6325 / 60, rel=0.05)
+    assert int(default[5]) == len(train.STUDIES["figure1"])   # a pack per configuration
+    assert float(default[6]) < float(default[2])
+
+
+def test_bench_pack_and_plan_argument_errors(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["pack", "--pack", "0"])
+    assert "--pack must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["plan", "--pack-cost", "-1"])
+    assert "--pack-cost and --step-ms must be positive" in capsys.readouterr().err

@@ -129,8 +129,8 @@ def test_shared_runs_belong_to_the_first_profile_that_needs_them():
 
 def test_a_provided_task_trains_in_its_providers_folder(monkeypatch, cifar_dir):
     seen = {}
-    monkeypatch.setattr(train, "train", lambda cfg, data, models, logs, *a, **k: seen.update(
-        cfg=cfg, models=models, logs=logs) or 0)
+    monkeypatch.setattr(train, "train_pack", lambda cfgs, data, models, logs, *a, **k: seen.update(
+        cfg=cfgs[0], models=models, logs=logs) or 0)
     data = ["--data-dir", str(cifar_dir)]
     assert train.main(["--profile", "norms", "--task", "5", *data]) == 0   # gn_b32_w8_s2
     assert (seen["cfg"].name, seen["cfg"].profile) == ("gn_b32_w8_s2", "default")

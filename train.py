@@ -563,15 +563,14 @@ def train_pack(cfgs, data_dir=None, models_dir="models", logs_dir="logs", force=
                 continue
             lock = stack.enter_context(runfiles.RunLock(paths))   # each member its own
             if not lock.held:
-                print(f"{cfg.name}: {lock.holder} is training this run (it holds {paths.lock}); "
-                      f"not training it here", file=sys.stderr, flush=True)
-                busy.append(cfg)
+                busy.append(f"{cfg.name}: {lock.holder} is training this run (it holds "
+                            f"{paths.lock})")
             elif not _finished(cfg, paths, force):   # (by the process that held the lock)
                 pending.append((cfg, paths))
+        then = "not here" if pending else f"exiting with status {runfiles.BUSY}"
+        for message in busy:
+            print(f"{message}; {then}", file=sys.stderr, flush=True)
         if not pending:
-            if busy:
-                print(f"exiting with status {runfiles.BUSY}: another process trains "
-                      f"{', '.join(c.name for c in busy)}", file=sys.stderr, flush=True)
             return runfiles.BUSY if busy else 0
         progress = sys.stdout.isatty() if progress is None else progress
         if stop is None:

@@ -19,8 +19,7 @@ import pytest
 
 from conftest import REPO, backends_python, write_cifar_fixture
 
-FILES = ["gpu.sh", "train.py", "backends.py", "cifar10.py", "layer.py", "runfiles.py", "bench.py",
-         "reproduce.py", "plot.py", "sweep.py"]
+FILES = ["gpu.sh", *sorted(p.name for p in REPO.glob("*.py"))]   # what the machine gets: the tree
 PACK = ("bn_b4_w2_s1", "bn_b4_w2_s2")   # grid entries 0 and 10 (seeds 1, 2), made small
 LABEL = "bn_b32_w8_s1+bn_b32_w8_s2"     # the process's, named by the grid's entries
 

@@ -14,7 +14,8 @@ on the tiny fixture, for BN with W = 2 workers of N = 2 and for GN at N = 4:
 - a pack is deterministic: run twice, or stopped by SIGUSR1 mid-epoch and resumed, it ends
   bit for bit the same;
 - a pack whose members stand at different points (one finished, one checkpointed, one
-  not started) trains just what is missing;
+  not started) trains just what is missing; one whose checkpoint is bad starts over, set
+  aside, and the others lose nothing;
 - without the scan loop the seeds train one after another, said in one line;
 - packs through sweep.py and through train.sh on the SLURM test cluster (tests/slurm; skipped
   without SLURM, failed in CI) write the files of solo runs;
@@ -321,6 +322,31 @@ def test_members_at_different_points_train_just_what_is_missing(runs, cifar_dir,
     # seed 3 trained alone, from the start: the solo run's program, bit for bit
     assert_same_model(runs.root / "solo" / f"{s3}.keras", folder / f"{s3}.keras")
     assert not list((folder / "checkpoints").iterdir())
+
+
+def test_a_pack_with_one_bad_checkpoint_loses_nothing_of_the_others(runs, cifar_dir, tmp_path,
+                                                                    capsys):
+    """Seeds 1 and 2 checkpointed mid-epoch 2 by the pack, seed 2's truncated: it is set aside
+    (NAME.npz.bad, named) and starts over; seed 1 resumes where it stood."""
+    s1, s2 = runs.names[:2]
+    folder = tmp_path / "models"
+    shutil.copytree(runs.root / "midway" / "checkpoints", folder / "checkpoints")
+    (folder / "checkpoints" / f"{runs.names[2]}.npz").unlink()
+    bad = folder / "checkpoints" / f"{s2}.npz"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as p:
+        p.setattr(train, "IMAGES_PER_SCAN", 12)
+        assert train.train_pack(runs.cfgs[:2], cifar_dir, folder, tmp_path / "logs", stop=never(),
+                                loop="scan") == 0
+    captured = capsys.readouterr()
+    assert f"{s2}: checkpoint {bad} " in captured.err and f"moved to {bad}.bad" in captured.err
+    assert f"{s1}: resuming at epoch 2, step 6" in captured.out
+    assert record(folder, s1)["resumed"] == 1 and record(folder, s2)["resumed"] == 0
+    assert [e["epoch"] for e in record(folder, s1)["history"]] == [1, 2]
+    # seed 2 trained alone from the start: the solo run's program, bit for bit
+    assert_same_model(runs.root / "solo" / f"{s2}.keras", folder / f"{s2}.keras")
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [f"{s2}.npz.bad"]
 
 
 def test_without_the_scan_loop_the_seeds_train_one_after_another(cifar_dir, tmp_path, capsys):

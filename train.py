@@ -555,6 +555,8 @@ def train_pack(cfgs, data_dir=None, models_dir="models", logs_dir="logs", force=
     different points (epoch, step) of their runs train as separate packs, the least
     advanced first. Returns 0, or PREEMPTED once stopped."""
     loop = resolve_loop(loop)
+    if devices:   # a wrong --devices fails before anything is written (the locks' folder)
+        backends.pick_devices(cfgs[0].workers, devices)
     pending, busy = [], []
     with contextlib.ExitStack() as stack:
         for cfg in pack_configs(cfgs):

@@ -39,9 +39,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import cifar10    # NumPy only, as are recipe.py and runfiles.py: no backend starts before
-import runfiles   # before_backend() has decided that one is needed
-import startup    # (before Keras: its start-up chatter off)
 from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py, bench.py)
     StopOnSignal, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY, GROUPS,
     BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION, IMAGES_PER_SCAN, THREADS,
@@ -49,6 +46,15 @@ from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py
     PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES, STEP_OPTIONS, Config, base_config, grid, provider, paper_runs,
     profile_paths, check_groups, parse_args, resolve, print_grid,
 )
+
+if __name__ == "__main__":
+    # Installed at once (recipe.py imports nothing slow), before NumPy and Keras, so that a
+    # signal during start-up is not fatal: it stops the run at its first chance.
+    _STOP = StopOnSignal().__enter__()
+
+import cifar10    # NumPy only, as are recipe.py and runfiles.py: no backend starts before
+import runfiles   # before_backend() has decided that one is needed
+import startup    # (before Keras: its start-up chatter off)
 
 HERE = Path(__file__).resolve().parent
 SWEEP_SIGNALS = StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)   # sweep.py's
@@ -110,8 +116,6 @@ def hand_over(argv, stop=None):
 
 
 if __name__ == "__main__":
-    # Installed before the slow imports below, so that a signal during start-up is not fatal.
-    _STOP = StopOnSignal().__enter__()
     _RUN = before_backend(stop=_STOP)
 
 
@@ -733,4 +737,12 @@ def main(argv=None, stop=None, run=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main(stop=_STOP, run=_RUN))
+    try:
+        code = main(stop=_STOP, run=_RUN)
+    finally:
+        # Python restores the default actions when it shuts down, and the default action of
+        # SIGUSR1/SIGTERM is to die (status 138/143): a signal that came while this process
+        # shuts down would hide the status it decided. Everything is written by now.
+        for signum in StopOnSignal.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)

@@ -149,6 +149,13 @@ if [[ -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
     fi
     run_task "$task" "${pack[@]}" "$@"
     status=$?
+    if [[ -n $caught ]] && ((status == 128 + $(kill -l "${caught/INT/TERM}"))); then
+        # train.py died of the signal passed on: it came in the instant before train.py had
+        # installed its handler (interpreter start-up). Every file it writes is written whole
+        # or not at all, so its last checkpoint (or finished model) stands: go on from there.
+        echo "train.sh: train.py was ended by SIG${caught/INT/TERM} before its handler was installed; its last checkpoint stands"
+        status=$PREEMPTED
+    fi
     if ((status == PREEMPTED)) && [[ $caught == USR1 ]]; then
         # SLURM ends this run of the task and queues it again (after ~2 minutes, cred_expire).
         if scontrol requeue "$id"; then

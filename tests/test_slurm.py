@@ -155,6 +155,38 @@ def test_array_task_outside_a_smaller_grid_does_nothing(fake_python):
     assert busy.returncode == 0 and "ran train.py --task 4 --profile quick" in busy.stdout
 
 
+@pytest.mark.parametrize("name, requeued, status", [("USR1", True, 0), ("TERM", False, 75)])
+def test_a_train_py_killed_by_the_signal_passed_on_counts_as_stopped(tmp_path, name, requeued,
+                                                                      status):
+    """A signal that reaches train.py before its handler is installed kills it (status 128 +
+    the signal): the task's files are whole, so train.sh treats it as a checkpointed stop,
+    requeueing the task on SIGUSR1 as after train.py's own checkpoint (status 75)."""
+    fake = tmp_path / "python"   # --task: a train.py still starting, with no handler yet
+    fake.write_text(f"""#!/bin/bash
+if [[ $2 == --grid ]]; then exec {sys.executable} "$@"; fi
+echo "started $*"
+exec sleep 60
+""")
+    scontrol = tmp_path / "bin" / "scontrol"   # records its requeue
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/bash\necho "$*" >> {tmp_path / "scontrol.calls"}\n')
+    fake.chmod(0o755)
+    scontrol.chmod(0o755)
+    env = run_env(PYTHON=fake, SLURM_ARRAY_TASK_ID=4, SLURM_ARRAY_JOB_ID=7, SLURM_JOB_ID=19,
+                  PATH=f"{scontrol.parent}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", str(TRAIN_SH), "--profile", "quick"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("started train.py --task 4"):
+            proc.send_signal(getattr(signal, f"SIG{name}"))   # to train.sh, as SLURM's B:USR1
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == status, output
+    assert f"train.py was ended by SIG{name} before its handler was installed" in output
+    calls = tmp_path / "scontrol.calls"
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 7_4\n" if requeued else "")
+
+
 def test_without_slurm_ctrl_c_checkpoints_and_the_same_command_resumes(cifar_dir, tmp_path):
     name = grid_names("--profile", "quick")[3]
     command = ["bash", str(TRAIN_SH), *tiny_args(cifar_dir, tmp_path)]

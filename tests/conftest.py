@@ -2,6 +2,7 @@
 official pickle layout that the tests write themselves.
 
     write_cifar_fixture(root, n_train=500, n_test=100)  ->  root/cifar-10-batches-py/
+    assert_same_arrays(a.keras, b.keras)   # every saved array equal, bit for bit
 
 The images are learnable (each class has its own colour and stripe pattern, plus
 noise), so a few epochs of a small model beat chance on them.
@@ -11,6 +12,7 @@ import os
 import pickle
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -77,6 +79,26 @@ def write_cifar_fixture(root, n_train=500, n_test=100, seed=0, tar=False):
         for name, data in files:
             (folder / name).write_bytes(data)
     return root
+
+
+def saved_arrays(path):
+    """Every array a .keras file holds (weights, moving statistics, optimizer state), by its
+    path in the file: read without building the model (on JAX, building one compiles each
+    initializer, seconds per model)."""
+    import h5py
+    with zipfile.ZipFile(path) as z, h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
+        out = {}
+        f.visititems(lambda name, obj: out.update({name: obj[()]}) if isinstance(obj, h5py.Dataset)
+                     else None)
+    return out
+
+
+def assert_same_arrays(a, b):
+    """The .keras files a and b hold the same arrays, bit for bit."""
+    wa, wb = saved_arrays(a), saved_arrays(b)
+    assert wa.keys() == wb.keys() and len(wa) > 100
+    for name, value in wa.items():
+        np.testing.assert_array_equal(wb[name], value, err_msg=f"{a} {name}")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ is not about:
   in subprocesses; skipped where that venv is missing).
 """
 import importlib.util
-import io
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, backends_python
+from conftest import REPO, assert_same_arrays, backends_python, saved_arrays
 
 import keras  # noqa: E402
 import backends  # noqa: E402
@@ -48,25 +47,6 @@ jax_only = pytest.mark.skipif(BACKEND != "jax", reason="JAX only")
 torch_only = pytest.mark.skipif(BACKEND != "torch", reason="PyTorch only")
 tensorflow_only = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="cross-backend tests run under TensorFlow (make test-tf)")
-
-
-def saved_arrays(path):
-    """Every array a .keras file holds (weights, moving statistics, optimizer state), by its
-    path in the file: read without building the model (on JAX, building one compiles each
-    initializer, seconds per model)."""
-    import h5py
-    with zipfile.ZipFile(path) as z, h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
-        out = {}
-        f.visititems(lambda name, obj: out.update({name: obj[()]}) if isinstance(obj, h5py.Dataset)
-                     else None)
-    return out
-
-
-def assert_same_arrays(a, b):
-    wa, wb = saved_arrays(a), saved_arrays(b)
-    assert wa.keys() == wb.keys() and len(wa) > 100
-    for name, value in wa.items():
-        np.testing.assert_array_equal(wb[name], value, err_msg=name)
 
 
 def record(path):

@@ -30,7 +30,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO  # noqa: F401  (puts the repository on sys.path)
+from conftest import REPO, assert_same_arrays  # noqa: F401  (REPO: the repository on sys.path)
 
 import keras  # noqa: E402
 import backends  # noqa: E402
@@ -87,25 +87,6 @@ def compiled_models(kind, seeds=SEEDS, images=IMAGES):
 def npz_arrays(path):
     with np.load(path) as z:
         return {k: z[k] for k in z.files if k != "state"}, json.loads(str(z["state"]))
-
-
-def saved_arrays(path):
-    """Every array of a .keras file (weights, moving statistics, optimizer state)."""
-    import io
-    import zipfile
-    import h5py
-    with zipfile.ZipFile(path) as z, h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
-        out = {}
-        f.visititems(lambda name, obj: out.update({name: obj[()]}) if isinstance(obj, h5py.Dataset)
-                     else None)
-    return out
-
-
-def assert_same_model(a, b):
-    wa, wb = saved_arrays(a), saved_arrays(b)
-    assert wa.keys() == wb.keys() and len(wa) > 100
-    for name, value in wa.items():
-        np.testing.assert_array_equal(wb[name], value, err_msg=f"{a} {name}")
 
 
 def record(folder, name):
@@ -257,7 +238,7 @@ def runs(cifar_dir, tmp_path_factory):
 
 def test_a_pack_run_twice_ends_bit_for_bit_the_same(runs):
     for name in runs.names:
-        assert_same_model(runs.root / "pack" / f"{name}.keras", runs.root / "again" / f"{name}.keras")
+        assert_same_arrays(runs.root / "pack" / f"{name}.keras", runs.root / "again" / f"{name}.keras")
         a, b = record(runs.root / "pack", name), record(runs.root / "again", name)
         assert [e["test_loss"] for e in a["history"]] == [e["test_loss"] for e in b["history"]]
 
@@ -266,7 +247,7 @@ def test_a_pack_stopped_by_sigusr1_mid_epoch_resumes_bit_for_bit(runs):
     for name in runs.names:
         _, state = npz_arrays(runs.root / "midway" / "checkpoints" / f"{name}.npz")
         assert (state["epoch"], state["step"]) == (1, 6), "stopped after epoch 2's second call"
-        assert_same_model(runs.root / "pack" / f"{name}.keras", runs.root / "stopped" / f"{name}.keras")
+        assert_same_arrays(runs.root / "pack" / f"{name}.keras", runs.root / "stopped" / f"{name}.keras")
         rec = record(runs.root / "stopped", name)
         assert rec["resumed"] == 1 and rec["loop"] == "scan"
         assert [e["test_error"] for e in rec["history"]] == \
@@ -320,7 +301,7 @@ def test_members_at_different_points_train_just_what_is_missing(runs, cifar_dir,
     assert [e["epoch"] for e in record(folder, s2)["history"]] == [1, 2]
     assert record(folder, s2)["resumed"] == 1 and record(folder, s2)["packed_with"] == [s1, s3]
     # seed 3 trained alone, from the start: the solo run's program, bit for bit
-    assert_same_model(runs.root / "solo" / f"{s3}.keras", folder / f"{s3}.keras")
+    assert_same_arrays(runs.root / "solo" / f"{s3}.keras", folder / f"{s3}.keras")
     assert not list((folder / "checkpoints").iterdir())
 
 
@@ -345,7 +326,7 @@ def test_a_pack_with_one_bad_checkpoint_loses_nothing_of_the_others(runs, cifar_
     assert record(folder, s1)["resumed"] == 1 and record(folder, s2)["resumed"] == 0
     assert [e["epoch"] for e in record(folder, s1)["history"]] == [1, 2]
     # seed 2 trained alone from the start: the solo run's program, bit for bit
-    assert_same_model(runs.root / "solo" / f"{s2}.keras", folder / f"{s2}.keras")
+    assert_same_arrays(runs.root / "solo" / f"{s2}.keras", folder / f"{s2}.keras")
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [f"{s2}.npz.bad"]
 
 
@@ -354,8 +335,8 @@ def test_without_the_scan_loop_the_seeds_train_one_after_another(cifar_dir, tmp_
     assert train.train_pack(cfgs, cifar_dir, tmp_path, tmp_path / "logs", stop=never(),
                             loop="fit") == 0
     out = capsys.readouterr().out
-    assert (f"2 runs (gn_b4_s1, gn_b4_s2): one after another (packs need JAX's scan loop: "
-            f"KERAS_BACKEND=jax, --loop scan)") in out
+    assert ("2 runs (gn_b4_s1, gn_b4_s2): one after another (packs need JAX's scan loop: "
+            "KERAS_BACKEND=jax, --loop scan)") in out
     for cfg in cfgs:
         rec = record(tmp_path, cfg.name)
         assert rec["packed_with"] == [] and rec["loop"] == "fit"

@@ -5,7 +5,6 @@ import json
 import struct
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -47,7 +47,11 @@ quick-jpeg: $(VENV)/.stamp-run
 	test -d $(JPEG_DIR)/cifar-10-batches-py || $(BIN)/python ../shared/data/cifar10_jpeg.py $(JPEG_DIR)
 	$(MAKE) $(PROFILE) CIFAR10_DIR=$(JPEG_DIR) LABEL="CIFAR-10, JPEG re-encoded copy (not the official files)"
 
-test: test-tf test-backends
+# Both suites at once, each one's output printed whole as it ends: one suite alone keeps about
+# one core busy (the SLURM tests wait on the scheduler, start-ups wait on imports), and CI's
+# machine has two.
+test:
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-tf test-backends
 
 # .venv-backends first: some tests here run JAX without TensorFlow through it (gpu.sh,
 # a JAX-trained model evaluated under TensorFlow).

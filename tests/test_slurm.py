@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -470,25 +471,56 @@ class Chaos:
         return (self.epochs(d["task"]) >= d["epochs"] and self.writing(d)
                 and task_processes(self.cluster, self.job, d["task"]))
 
+    def gone(self, task):
+        """Whether the task has left the queue for good (finished): it can meet nothing more."""
+        for _ in range(5):   # (a second apart: not a task between a kill and its requeue)
+            if subprocess.run(["squeue", "-h", "-j", f"{self.job}_{task}"], env=self.env,
+                              capture_output=True, text=True).stdout.strip():
+                return False
+            time.sleep(1)
+        return True
+
+    def follow(self, queue, deadline, errors):
+        """Fire queue's disturbances in turn, each once ready; give up when its task is gone."""
+        try:
+            for d in queue:
+                polls = 0
+                while not self.ready(d):
+                    polls += 1
+                    if time.time() > deadline or (polls % 50 == 0 and self.gone(d["task"])):
+                        return
+                    time.sleep(0.02)
+                self.fire(d)
+        except BaseException as e:   # (pytest.fail too): reported by run(), in the test's thread
+            errors.append(e)
+
     def run(self, timeout):
+        """Each task's disturbances in a thread of their own, the slurmd restart in one more:
+        one task's wait (for its task to stop, for a requeue to be taken) must not hold back
+        another's disturbance, which would then find its task finished."""
         deadline = time.time() + timeout
+        errors = []
+        threads = [threading.Thread(target=self.follow, args=(q, deadline, errors), daemon=True)
+                   for q in [*self.queues.values(), [self.restart]]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.time()))
+        if errors:
+            raise errors[0]
+        queued = "?"
         while time.time() < deadline:
-            if self.restart and self.ready(self.restart):
-                self.fire(self.restart)
-                self.restart = None
-            for queue in self.queues.values():
-                if queue and self.ready(queue[0]):
-                    self.fire(queue.pop(0))
             queued = subprocess.run(["squeue", "-h", "-j", self.job], env=self.env,
                                     capture_output=True, text=True).stdout.strip()
-            if not queued and not self.restart and not any(self.queues.values()):
-                return
             if not queued:
-                break   # every task ended with disturbances left: they could not land
-            time.sleep(0.02)
-        pytest.fail(f"chaos seed {CHAOS_SEED}: still queued or not all disturbances fired "
-                    f"after {timeout} s; left {self.queues} {self.restart}, done {self.done}\n"
-                    f"{slurm_log(self.cluster)}")
+                break
+            time.sleep(0.2)
+        planned = [d for q in self.queues.values() for d in q] + [self.restart]
+        left = [d for d in planned if d not in self.done]
+        if queued or left:
+            pytest.fail(f"chaos seed {CHAOS_SEED}: after {timeout} s, still queued: {queued!r}; "
+                        f"disturbances that could not land (their task had finished): {left}; "
+                        f"done {self.done}\n{slurm_log(self.cluster)}")
 
 
 def comparable(record):

@@ -14,12 +14,14 @@ test_slurm.py), and first contact: a new user's commands without CIFAR-10 on dis
   no traceback, non-zero; --grid and --help start no backend; no command prints TensorFlow's
   start-up lines (read from the captured output).
 """
+import contextlib
 import errno
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -203,6 +205,35 @@ def test_two_processes_given_the_same_run_one_trains_the_other_says_so(cifar_dir
                 and f"is training this run (it holds {paths.lock}); exiting with status 73"
                 in second.stderr)
         assert " epoch " not in second.stdout and not paths.model.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_signals_while_train_py_shuts_down_do_not_change_its_exit_status(cifar_dir, tmp_path):
+    """SIGUSR1 sent again and again from the moment train.py has decided its status (73: the
+    run is busy) until it has exited: Python's shutdown restores the signal's default action
+    (death, status 138) unless train.py ignores it by then. (Found by the chaos test: a
+    twice-sent SIGUSR1 reached a task that was shutting down.)"""
+    paths = runfiles.Paths(tmp_path / "models", tmp_path / "logs", "gn_b4_s1")
+    holder = hold_lock(paths)
+    err = tmp_path / "stderr"
+    try:
+        with open(err, "w") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "train.py", "--norm", "gn", "--batch-size", "4", "--workers",
+                 "1", "--epochs", "1", "--data-dir", cifar_dir, "--models-dir", paths.models,
+                 "--logs-dir", tmp_path / "logs"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=f)
+        while proc.poll() is None and "exiting with status 73" not in err.read_text():
+            time.sleep(0.005)
+        sent = 0
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGUSR1)
+                sent += 1
+            time.sleep(0.0005)
+        assert proc.wait() == runfiles.BUSY, (sent, err.read_text()[-3000:])
+        assert sent > 0
     finally:
         holder.kill()
         holder.wait()

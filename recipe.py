@@ -10,6 +10,7 @@ import argparse
 import ast
 import math
 import signal
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,18 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def exit_with(main, signals=StopOnSignal.SIGNALS):
+    """sys.exit(main()), ignoring `signals` once main has returned (or raised): Python's
+    shutdown restores their default action, and for SIGUSR1/SIGTERM that is death (status
+    138/143), which would hide the status main decided; by then every file is written."""
+    try:
+        code = main()
+    finally:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------

@@ -292,4 +292,4 @@ def main(argv=None, stop=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    recipe.exit_with(main, recipe.StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP))

@@ -40,7 +40,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py, bench.py)
-    StopOnSignal, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY, GROUPS,
+    StopOnSignal, exit_with, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY, GROUPS,
     BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION, IMAGES_PER_SCAN, THREADS,
     NORMS, BATCH_SIZES, SEEDS, WORKERS, GROUP_COUNTS, CHANNELS_PER_GROUP, STUDIES, SCALES,
     PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES, STEP_OPTIONS, Config, base_config, grid, provider, paper_runs,
@@ -737,12 +737,4 @@ def main(argv=None, stop=None, run=None):
 
 
 if __name__ == "__main__":
-    try:
-        code = main(stop=_STOP, run=_RUN)
-    finally:
-        # Python restores the default actions when it shuts down, and the default action of
-        # SIGUSR1/SIGTERM is to die (status 138/143): a signal that came while this process
-        # shuts down would hide the status it decided. Everything is written by now.
-        for signum in StopOnSignal.SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-    sys.exit(code)
+    exit_with(lambda: main(stop=_STOP, run=_RUN))

@@ -36,6 +36,11 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
+# What the sweep (sweep.py) stops on: SIGINT too, since its runs have their own process group
+# and Ctrl-C reaches it alone; SIGHUP (the terminal closed), since they would lose their output.
+SWEEP_SIGNALS = StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)
+
+
 def exit_with(main, signals=StopOnSignal.SIGNALS):
     """sys.exit(main()), ignoring `signals` once main has returned (or raised): Python's
     shutdown restores their default action, and for SIGUSR1/SIGTERM that is death (status

@@ -280,16 +280,13 @@ def main(argv=None, stop=None):
                 f"{' '.join(default)} of your own too, so that its files "
                 f"({', '.join(paths[k] for k in OWN_FILES)}) are not replaced")
     if stop is None:
-        # SIGINT: the runs have their own process group, Ctrl-C reaches this process alone;
-        # SIGHUP (the terminal closed): they would lose their output, so they checkpoint too.
-        signals = recipe.StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)
-        with recipe.StopOnSignal(signals) as stop:
+        with recipe.StopOnSignal(recipe.SWEEP_SIGNALS) as stop:
             # train.py hands a whole profile over with these blocked (train.hand_over): one
             # that came meanwhile is delivered now, to the handler just installed.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, recipe.SWEEP_SIGNALS)
             return sweep(args, stop)
     return sweep(args, stop)
 
 
 if __name__ == "__main__":
-    recipe.exit_with(main, recipe.StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP))
+    recipe.exit_with(main, recipe.SWEEP_SIGNALS)

@@ -44,7 +44,7 @@ from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py
     BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION, IMAGES_PER_SCAN, THREADS,
     NORMS, BATCH_SIZES, SEEDS, WORKERS, GROUP_COUNTS, CHANNELS_PER_GROUP, STUDIES, SCALES,
     PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES, STEP_OPTIONS, Config, base_config, grid, provider, paper_runs,
-    profile_paths, check_groups, parse_args, resolve, print_grid,
+    profile_paths, check_groups, parse_args, resolve, print_grid, SWEEP_SIGNALS,
 )
 
 if __name__ == "__main__":
@@ -57,7 +57,6 @@ import runfiles   # before_backend() has decided that one is needed
 import startup    # (before Keras: its start-up chatter off)
 
 HERE = Path(__file__).resolve().parent
-SWEEP_SIGNALS = StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)   # sweep.py's
 
 
 def before_backend(argv=None, stop=None):

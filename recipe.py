@@ -9,6 +9,7 @@ need no backend, and each file stands on the ones below it (train.py and sweep.p
 import argparse
 import ast
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -434,15 +435,20 @@ def print_grid(profile, seeds=None):
     study, scale = PROFILES[profile]
     providers = [provider(c) for c in entries]
     shared = sum(p != profile for p in providers)
-    print(f"# {len(entries)} runs, profile {profile}: study {study} "
-          f"({len(dict.fromkeys(replace(c, seed=1) for c in entries))} runs) x "
-          f"{len(seeds or SCALES[scale]['seeds'])} seeds, scale {scale}"
-          + (f"; {shared} provided by another profile (trained there, once)" if shared else ""))
+    lines = [f"# {len(entries)} runs, profile {profile}: study {study} "
+             f"({len(dict.fromkeys(replace(c, seed=1) for c in entries))} runs) x "
+             f"{len(seeds or SCALES[scale]['seeds'])} seeds, scale {scale}"
+             + (f"; {shared} provided by another profile (trained there, once)" if shared else "")]
     for i, (c, by) in enumerate(zip(entries, providers)):
         group = (f" --channels-per-group {c.channels_per_group}" if c.channels_per_group
                  else f" --groups {c.groups}" if c.norm == "gn" and c.groups != GROUPS else "")
         rate = f" --learning-rate {c.learning_rate:g}" if c.learning_rate is not None else ""
         schedule = f" --schedule {c.schedule}" if c.schedule != "paper" else ""
         mark = f" # provided by {by}" if by != profile else ""
-        print(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} --workers {c.workers} "
-              f"--seed {c.seed}{group}{rate}{schedule}{mark}")
+        lines.append(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} "
+                     f"--workers {c.workers} --seed {c.seed}{group}{rate}{schedule}{mark}")
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:   # (python train.py --grid | head): the reader has what it wanted;
+        # what is left unwritten goes nowhere, at exit too, instead of a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

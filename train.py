@@ -40,11 +40,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py, bench.py)
-    StopOnSignal, exit_with, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY, GROUPS,
-    BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION, IMAGES_PER_SCAN, THREADS,
-    NORMS, BATCH_SIZES, SEEDS, WORKERS, GROUP_COUNTS, CHANNELS_PER_GROUP, STUDIES, SCALES,
-    PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES, STEP_OPTIONS, Config, base_config, grid, provider, paper_runs,
-    profile_paths, check_groups, parse_args, resolve, print_grid, SWEEP_SIGNALS,
+    StopOnSignal, SWEEP_SIGNALS, exit_with, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR,
+    MOMENTUM, WEIGHT_DECAY, GROUPS, BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION,
+    IMAGES_PER_SCAN, THREADS, NORMS, BATCH_SIZES, SEEDS, WORKERS, GROUP_COUNTS,
+    CHANNELS_PER_GROUP, STUDIES, SCALES, PROFILES, PREEMPTED, SCHEDULES, STEP_IMAGES,
+    STEP_OPTIONS, Config, base_config, grid, provider, paper_runs, profile_paths, check_groups,
+    parse_args, resolve, print_grid,
 )
 
 if __name__ == "__main__":

@@ -278,6 +278,16 @@ def test_grid_and_help_start_no_backend_and_print_no_library_line(args):
         assert result.stdout.startswith("# ") and " bn_b32" in result.stdout
 
 
+def test_a_grid_read_only_in_part_ends_without_a_traceback():
+    """python train.py --grid | head -1: the reader goes before the grid is written (here at
+    once); train.py exits with status 0 and prints nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "train.py", "--grid"], cwd=REPO, env=user_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == ""
+
+
 def fake_venv(tmp_path):
     """A virtualenv for the Makefile whose python is this one, stamped newer than the
     requirements (so `make` builds nothing)."""

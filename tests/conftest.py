@@ -101,6 +101,27 @@ def assert_same_arrays(a, b):
         np.testing.assert_array_equal(wb[name], value, err_msg=f"{a} {name}")
 
 
+def loop_acting_in_call(at_call, action):
+    """backends.ScanLoop that calls action() as its at_call-th compiled call (counted over
+    every loop of the class) begins: a stop requested, a signal sent, while the call runs."""
+    import backends
+
+    class Loop(backends.ScanLoop):
+        calls = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            call = self._call
+
+            def counted(*a):
+                Loop.calls += 1
+                if Loop.calls == at_call:
+                    action()
+                return call(*a)
+            self._call = counted
+    return Loop
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory):
     """A tiny CIFAR-10 (500 train, 100 test images) in the official layout."""

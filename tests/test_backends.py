@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_same_arrays, backends_python, saved_arrays
+from conftest import (REPO, assert_same_arrays, backends_python, loop_acting_in_call,
+                      saved_arrays)
 
 import keras  # noqa: E402
 import backends  # noqa: E402
@@ -323,18 +324,7 @@ def test_scan_loop_equals_fit(cifar_dir, norm, batch_size, workers):
 def stopping_loop(stop, at_call):
     """backends.ScanLoop whose at_call-th compiled call raises the stop flag while it runs
     (as a signal would: the loop notices between calls)."""
-    class Loop(backends.ScanLoop):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            call = self._call
-
-            def counted(*a):
-                stop.calls += 1
-                if stop.calls == at_call:
-                    stop.requested = "SIGUSR1 (test)"
-                return call(*a)
-            self._call = counted
-    return Loop
+    return loop_acting_in_call(at_call, lambda: setattr(stop, "requested", "SIGUSR1 (test)"))
 
 
 @jax_only
@@ -348,7 +338,7 @@ def test_scan_run_stopped_mid_epoch_resumes_bit_for_bit(cifar_dir, tmp_path, mon
         return train.train(cfg, cifar_dir, tmp_path / folder, tmp_path / folder / "logs",
                            stop=stop, loop="scan")
     assert run("reference", types.SimpleNamespace(requested=None)) == 0
-    stop = types.SimpleNamespace(requested=None, calls=0)
+    stop = types.SimpleNamespace(requested=None)
     with monkeypatch.context() as patch:
         patch.setattr(backends, "ScanLoop", stopping_loop(stop, at_call=1))
         assert run("resumed", stop) == train.PREEMPTED

@@ -190,16 +190,20 @@ def hold_lock(paths, then="sleep"):
     return proc
 
 
+def train_py(paths, cifar_dir):
+    """The command line of paths' run (gn_b4_s1, one tiny epoch), in its folders."""
+    return [sys.executable, "train.py", "--norm", "gn", "--batch-size", "4", "--workers", "1",
+            "--epochs", "1", "--data-dir", cifar_dir, "--models-dir", paths.models,
+            "--logs-dir", paths.logs.parent]
+
+
 def test_two_processes_given_the_same_run_one_trains_the_other_says_so(cifar_dir, tmp_path):
     paths = runfiles.Paths(tmp_path / "models", tmp_path / "logs", "gn_b4_s1")
     holder = hold_lock(paths)
     try:
         env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-        second = subprocess.run(
-            [sys.executable, "train.py", "--norm", "gn", "--batch-size", "4", "--workers", "1",
-             "--epochs", "1", "--data-dir", cifar_dir, "--models-dir", paths.models,
-             "--logs-dir", tmp_path / "logs"], cwd=REPO, env=env, capture_output=True,
-            text=True, timeout=300)
+        second = subprocess.run(train_py(paths, cifar_dir), cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
         assert second.returncode == runfiles.BUSY == 73, second.stderr[-3000:]
         assert (f"gn_b4_s1: pid {holder.pid} on " in second.stderr
                 and f"is training this run (it holds {paths.lock}); exiting with status 73"
@@ -220,10 +224,8 @@ def test_signals_while_train_py_shuts_down_do_not_change_its_exit_status(cifar_d
     err = tmp_path / "stderr"
     try:
         with open(err, "w") as f:
-            proc = subprocess.Popen(
-                [sys.executable, "train.py", "--norm", "gn", "--batch-size", "4", "--workers",
-                 "1", "--epochs", "1", "--data-dir", cifar_dir, "--models-dir", paths.models,
-                 "--logs-dir", tmp_path / "logs"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=f)
+            proc = subprocess.Popen(train_py(paths, cifar_dir), cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=f)
         while proc.poll() is None and "exiting with status 73" not in err.read_text():
             time.sleep(0.005)
         sent = 0

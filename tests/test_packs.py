@@ -30,7 +30,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_same_arrays  # noqa: F401  (REPO: the repository on sys.path)
+from conftest import REPO, assert_same_arrays, loop_acting_in_call  # noqa: F401  (REPO: sys.path)
 
 import keras  # noqa: E402
 import backends  # noqa: E402
@@ -193,20 +193,7 @@ def test_one_packed_step_equals_the_solo_steps(cifar_dir, kind):
 def stopping_loop(at_call):
     """backends.ScanLoop that sends this process SIGUSR1 during its at_call-th compiled call
     (the run's StopOnSignal catches it; the loop stops at the end of that call)."""
-    class Loop(backends.ScanLoop):
-        calls = 0
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            call = self._call
-
-            def counted(*a):
-                Loop.calls += 1
-                if Loop.calls == at_call:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                return call(*a)
-            self._call = counted
-    return Loop
+    return loop_acting_in_call(at_call, lambda: os.kill(os.getpid(), signal.SIGUSR1))
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ PIN = "BENCH_PIN_CPUS"   # bench.py backends --cpus: a worker's cores, e.g. "0"
 if os.environ.get(PIN):   # pinned before any library starts a thread: every thread inherits it
     os.sched_setaffinity(0, [int(c) for c in os.environ[PIN].split(",")])
 
-import startup  # noqa: E402  (before Keras: its start-up chatter off)
+from gnrepro import startup  # noqa: E402  (before Keras: its start-up chatter off)
 
 with startup.quiet():
     import keras  # noqa: E402
@@ -236,7 +236,7 @@ class Images:
     test inputs that evaluation predicts on (the first `test` images, unaugmented)."""
 
     def __init__(self, images, test=EVAL_IMAGES, seed=0):
-        import cifar10
+        from gnrepro import cifar10
         self.x, self.y = synthetic(images, seed)
         self.mean = cifar10.pixel_mean(self.x)
         self.padded = cifar10.padded(self.x, self.mean)
@@ -246,7 +246,7 @@ class Images:
 def ours(norm, batch_size, workers, args, data):
     """fit(callback) for train.py's model, compiled and fed as train.py's _fit_epoch does:
     build_model, compile_model, train.Batches of cifar10.TrainBatches, train.StepCallback."""
-    import cifar10
+    from gnrepro import cifar10
     import train
     cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers,
                        **{k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)})
@@ -280,7 +280,7 @@ def baseline(norm, batch_size, workers, args, data):
     """fit(callback) for the plain baseline: the same architecture with Keras' BN (over the
     whole step of W * N images) or GN, SGD with Keras' default compile settings, NumPy
     arrays, model.fit's defaults."""
-    import cifar10
+    from gnrepro import cifar10
     import train
     cfg = train.Config(norm=norm, batch_size=batch_size)
     model = keras.models.clone_model(train.build_resnet20(norm, train.GROUPS),
@@ -347,13 +347,13 @@ def medians(samples):
 
 
 def threads_line(args):
-    import backends
+    from gnrepro import backends
     return (f"intra-op threads {backends.intra_op_threads()} (--threads {args.threads}; "
             f"0: one per core), set by backends.set_threads")
 
 
 def speed_line(args, runs):
-    import backends
+    from gnrepro import backends
     if backends.name() == "tensorflow":
         # Keras compiles without XLA where TensorFlow's op determinism is on: say what ran.
         used = {bool(model.jit_compile)
@@ -365,7 +365,7 @@ def speed_line(args, runs):
 
 def bench_train(args):
     """Interleaved throughput of every (norm, N, W, ours/baseline); prints the tables."""
-    import backends
+    from gnrepro import backends
     backends.set_threads(args.threads)   # before the backend starts; one process: baseline too
     backends.enable_determinism()        # as train.py runs
     keras.utils.set_random_seed(0)
@@ -408,7 +408,7 @@ def print_train_table(args, rate, cores, evals):
 
 def print_sweep(args, rate, evals):
     """Wall time of train.py's grid at these rates: EPOCHS epochs of the official set."""
-    import cifar10
+    from gnrepro import cifar10
     import train
     runs = sorted({(c.norm, c.batch_size) for c in train.grid() if c.seed == train.SEEDS[0]})
     norms = sorted({norm for norm, _ in runs})   # Figure 1's: bn and gn
@@ -450,7 +450,7 @@ def serve(args):
     builds and warms up ours for every configuration, replies that it is ready, then
     answers one JSON request a line from stdin until it ends: {"run": [norm, N, W]} ->
     {"rate", "cores"} of one timed fit; {"eval": norm} -> {"rate"} of one timed predict."""
-    import backends
+    from gnrepro import backends
     backends.set_threads(args.threads)
     backends.enable_determinism()   # as train.py runs
     keras.utils.set_random_seed(0)
@@ -597,7 +597,7 @@ def loop_rate(norm, batch_size, workers, mixed, loop, x, y, calls=2):
     compile_model, fed by backends.ScanLoop (`scan`) or model.fit (`fit`); compilation and
     the first call excluded, then the median of `calls` timed calls (scan: IMAGES_PER_SCAN
     images each; fit: one epoch of x each)."""
-    import cifar10
+    from gnrepro import cifar10
     import train
     cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, mixed_precision=mixed)
     step = batch_size * workers
@@ -629,7 +629,7 @@ def loop_rate(norm, batch_size, workers, mixed, loop, x, y, calls=2):
 def bench_loop(args):
     """One line per configuration: img/s of the scan loop (and fit, if asked); then the
     sweep's estimated time at those rates, one run at a time."""
-    import backends
+    from gnrepro import backends
     if backends.name() != "jax":
         raise SystemExit(f"error: bench.py loop measures the JAX scan loop; run it with "
                          f"KERAS_BACKEND=jax (this is {backends.name()})")
@@ -667,7 +667,7 @@ PAPER_PROFILES = ("default", "he", "norms", "workers", "groups")   # recipe.PROF
 def run_minutes(cfg, step_ms=None):
     """GPU minutes of one paper-scale run at the measured step times (LN, IN: as GN), its
     evaluation (100 x 10,000 test images at 3 times the training rate at 256) included."""
-    import cifar10
+    from gnrepro import cifar10
     images = cfg.batch_size * cfg.workers
     (x0, t0), (x1, t1) = H200_STEP_MS["bn" if cfg.norm == "bn" else "gn"]
     ms = t0 + (t1 - t0) * (images - x0) / (x1 - x0)
@@ -721,8 +721,8 @@ STEP_VARIANTS = {"float32": {}, "unroll4": {"unroll": 4}, "bf16": {"bfloat16": T
 def pack_rate(norm, batch_size, workers, k, variant, x, y, steps, calls):
     """(img/s of all k members, ms a step, first call s) of k seeds on backends.ScanLoop, built
     and compiled as train.py builds them, in calls of `steps` steps (at most an epoch of x)."""
-    import backends
-    import cifar10
+    from gnrepro import backends
+    from gnrepro import cifar10
     import train
     options = dict(STEP_VARIANTS[variant])
     bf16 = options.pop("bfloat16", False)
@@ -749,7 +749,7 @@ def pack_rate(norm, batch_size, workers, k, variant, x, y, steps, calls):
 
 def bench_pack(args):
     """One line per (norm, N, variant): one run alone and a pack of K, side by side."""
-    import backends
+    from gnrepro import backends
     if backends.name() != "jax":
         raise SystemExit(f"error: bench.py pack measures JAX's packs; run it with "
                          f"KERAS_BACKEND=jax (this is {backends.name()})")
@@ -898,7 +898,7 @@ def main(argv=None):
             parser.error(f"--images {args.images} should hold a step of "
                          f"{max(args.batch_sizes) * args.workers} images")
         if args.xla_flags:
-            import backends
+            from gnrepro import backends
             if keras.backend.backend() == "jax" and backends._jax_started():
                 parser.error("--xla-flags: JAX has started in this process already")
             backends._add_xla_flags(*args.xla_flags.split())

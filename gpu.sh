@@ -100,7 +100,7 @@ PROFILE=${PROFILE:-default}
 grid=(--profile "$PROFILE" ${SEEDS:+--seeds "$SEEDS"})   # the same for --grid and every --task
 # One line per process, the longest first: TASK SEEDS NAME... (sweep.print_queue: the
 # given tasks, else the grid's entries without a run record in the profile's models folder).
-lines=$(python3 -c "import sys, sweep; sweep.print_queue(*sys.argv[1:])" "$PROFILE" \
+lines=$(python3 -c "import sys; from gnrepro import sweep; sweep.print_queue(*sys.argv[1:])" "$PROFILE" \
     "${SEEDS:-}" "$*" "${PACK:-1}" pending) || exit 2
 echo "gpu.sh: profile $PROFILE, $(awk 'NF' <<<"$lines" | wc -l) processes queued"
 mapfile -t queue < <(awk 'NF' <<<"$lines")

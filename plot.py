@@ -48,7 +48,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import runfiles  # noqa: E402
+from gnrepro import runfiles  # noqa: E402
 
 # Columns plot.py needs from results.csv (reproduce.py writes these and more).
 TEXT_COLUMNS = ["norm"]

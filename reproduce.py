@@ -37,8 +37,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import recipe   # (no Keras: --help needs no backend)
-import startup  # (before Keras: its start-up chatter off)
+from gnrepro import recipe   # (no Keras: --help needs no backend)
+from gnrepro import startup  # (before Keras: its start-up chatter off)
 
 
 def parse_args(argv=None):
@@ -68,8 +68,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import layer  # noqa: E402,F401  (registers the normalization layers for loading)
-import cifar10  # noqa: E402
-import runfiles  # noqa: E402
+from gnrepro import cifar10  # noqa: E402
+from gnrepro import runfiles  # noqa: E402
 import train  # noqa: E402
 
 COLUMNS = ["norm", "groups", "channels_per_group", "batch_size", "workers", "seed", "epochs",

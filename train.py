@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py, bench.py)
+from gnrepro.recipe import (  # noqa: F401  (train.NAME stays importable: tests, plot.py, bench.py)
     StopOnSignal, SWEEP_SIGNALS, exit_with, EPOCHS, LR_PER_32, LR_DROPS, LR_DROP_FACTOR,
     MOMENTUM, WEIGHT_DECAY, GROUPS, BN_MOMENTUM, EPSILON, EVAL_BATCH_SIZE, IMAGES_PER_EXECUTION,
     IMAGES_PER_SCAN, THREADS, NORMS, BATCH_SIZES, SEEDS, WORKERS, GROUP_COUNTS,
@@ -53,9 +53,9 @@ if __name__ == "__main__":
     # signal during start-up is not fatal: it stops the run at its first chance.
     _STOP = StopOnSignal().__enter__()
 
-import cifar10    # NumPy only, as are recipe.py and runfiles.py: no backend starts before
-import runfiles   # before_backend() has decided that one is needed
-import startup    # (before Keras: its start-up chatter off)
+from gnrepro import cifar10    # NumPy only, as are recipe.py and runfiles.py: no backend starts before
+from gnrepro import runfiles   # before_backend() has decided that one is needed
+from gnrepro import startup    # (before Keras: its start-up chatter off)
 
 HERE = Path(__file__).resolve().parent
 
@@ -112,7 +112,9 @@ def hand_over(argv, stop=None):
     sys.stdout.flush()
     sys.stderr.flush()
     signal.pthread_sigmask(signal.SIG_BLOCK, SWEEP_SIGNALS)
-    os.execv(sys.executable, [sys.executable, str(HERE / "sweep.py"), *map(str, argv)])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}   # -m finds gnrepro from any folder
+    os.execve(sys.executable, [sys.executable, "-m", "gnrepro.sweep", *map(str, argv)], env)
 
 
 if __name__ == "__main__":
@@ -123,7 +125,7 @@ with startup.quiet():
     import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import backends  # noqa: E402
+from gnrepro import backends  # noqa: E402
 import layer  # noqa: E402  (registers the normalization layers for loading)
 
 

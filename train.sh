@@ -171,4 +171,4 @@ fi
 
 # No SLURM: sweep.py, the one local runner of a grid (several entries at a time, a signal
 # checkpoints them all, the same command resumes; then reproduce.py and plot.py).
-exec "$PYTHON" sweep.py ${TASKS:+--tasks "$TASKS"} "$@"
+exec "$PYTHON" -m gnrepro.sweep ${TASKS:+--tasks "$TASKS"} "$@"

@@ -104,7 +104,7 @@ def assert_same_arrays(a, b):
 def loop_acting_in_call(at_call, action):
     """backends.ScanLoop that calls action() as its at_call-th compiled call (counted over
     every loop of the class) begins: a stop requested, a signal sent, while the call runs."""
-    import backends
+    from gnrepro import backends
 
     class Loop(backends.ScanLoop):
         calls = 0

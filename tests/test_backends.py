@@ -36,8 +36,8 @@ from conftest import (REPO, assert_same_arrays, backends_python, loop_acting_in_
                       saved_arrays)
 
 import keras  # noqa: E402
-import backends  # noqa: E402
-import cifar10  # noqa: E402
+from gnrepro import backends  # noqa: E402
+from gnrepro import cifar10  # noqa: E402
 import train  # noqa: E402
 
 BACKEND = keras.backend.backend()

@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import cifar10
+from gnrepro import cifar10
 from conftest import REPO, dumps, fixture_batches, write_cifar_fixture
 
-pytestmark = pytest.mark.filterwarnings("ignore::cifar10.SubsetWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::gnrepro.cifar10.SubsetWarning")
 
 
 # ---------------------------------------------------------------- helpers
@@ -125,7 +125,8 @@ def test_locate_downloads_into_the_cache_once(cache, server):
 
 
 CHILD = """
-import sys, time, cifar10
+import sys, time
+from gnrepro import cifar10
 cifar10.URL, cifar10.SIZE, cifar10.MD5 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 start = time.time()
 data = cifar10.load()
@@ -154,7 +155,7 @@ def test_offline_without_a_copy_says_where_it_looked_and_how_to_fix(cache, monke
     with pytest.raises(FileNotFoundError) as e:
         cifar10.locate()
     msg = str(e.value)
-    for text in (str(cache), "$CIFAR10_DIR", "data_dir", "failed", "python cifar10.py --download",
+    for text in (str(cache), "$CIFAR10_DIR", "data_dir", "failed", "python -m gnrepro.cifar10 --download",
                  "--data-dir DIR", "CIFAR10_DIR=DIR", cifar10.MD5):
         assert text in msg
     assert not [f for f in files_under(cache) if f != ".cifar10.lock"]
@@ -172,7 +173,7 @@ def test_no_download_when_off_or_for_an_explicit_folder(cache, server, tmp_path,
 
 
 def test_cli_check_without_data_exits_with_the_fix(cache, capsys):
-    with pytest.raises(SystemExit, match="python cifar10.py --download"):
+    with pytest.raises(SystemExit, match="python -m gnrepro.cifar10 --download"):
         cifar10.main(["--check"])
 
 

@@ -29,8 +29,8 @@ import pytest
 from conftest import REPO
 
 import keras  # noqa: E402
-import runfiles  # noqa: E402
-import startup  # noqa: E402
+from gnrepro import runfiles  # noqa: E402
+from gnrepro import startup  # noqa: E402
 
 CONFIG = {"norm": "gn", "seed": 1}
 # What TensorFlow and XLA print when they start: absl's lines (I0000 00:00:17... file.cc:12]),
@@ -178,7 +178,7 @@ def hold_lock(paths, then="sleep"):
     """A process that takes the run's lock, leaves a temporary of the run's as a killed writer
     would, prints 'held', then sleeps (until killed)."""
     script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-              f"import runfiles\n"
+              f"from gnrepro import runfiles\n"
               f"paths = runfiles.Paths({str(paths.models)!r}, 'logs', {paths.name!r})\n"
               f"lock = runfiles.RunLock(paths).__enter__()\n"
               f"assert lock.held\n"
@@ -265,7 +265,7 @@ def user_env(**extra):
 
 
 @pytest.mark.parametrize("args", [["train.py", "--grid"], ["train.py", "--grid", "--profile", "quick"],
-                                  ["train.py", "--help"], ["sweep.py", "--help"],
+                                  ["train.py", "--help"], ["-m", "gnrepro.sweep", "--help"],
                                   ["reproduce.py", "--help"]])
 def test_grid_and_help_start_no_backend_and_print_no_library_line(args):
     result = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=REPO,
@@ -305,7 +305,8 @@ def fake_venv(tmp_path):
 RUNNERS = {
     "make quick": lambda venv: ["make", "-s", "-C", str(REPO), "quick", f"VENV={venv}"],
     "bash train.sh": lambda venv: ["bash", str(REPO / "train.sh"), "--profile", "quick"],
-    "sweep.py": lambda venv: [sys.executable, str(REPO / "sweep.py"), "--profile", "norms-quick"],
+    "python -m gnrepro.sweep": lambda venv: [sys.executable, "-m", "gnrepro.sweep", "--profile",
+                                            "norms-quick"],
     "train.py --profile": lambda venv: [sys.executable, str(REPO / "train.py"), "--profile", "quick"],
     "train.py (one run)": lambda venv: [sys.executable, str(REPO / "train.py"), "--task", "3"],
 }
@@ -316,12 +317,12 @@ def test_without_data_each_runner_says_so_once_without_a_traceback(runner, tmp_p
     empty = tmp_path / "no-data"
     empty.mkdir()
     result = subprocess.run(RUNNERS[runner](fake_venv(tmp_path)), cwd=tmp_path,
-                            env=user_env(CIFAR10_DIR=empty, PYTHON=sys.executable),
+                            env=user_env(CIFAR10_DIR=empty, PYTHON=sys.executable, PYTHONPATH=REPO),
                             capture_output=True, text=True, timeout=300)
     out = result.stdout + result.stderr
     assert result.returncode != 0, out
     assert out.count("CIFAR-10 not found") == 1, out
-    assert f"in {empty} ($CIFAR10_DIR)" in out and "python cifar10.py --download" in out
+    assert f"in {empty} ($CIFAR10_DIR)" in out and "python -m gnrepro.cifar10 --download" in out
     assert "--data-dir DIR or CIFAR10_DIR=DIR" in out
     assert "Traceback" not in out and not CHATTER.search(out), out
     assert " epoch " not in out and "train.py --task" not in out
@@ -330,7 +331,7 @@ def test_without_data_each_runner_says_so_once_without_a_traceback(runner, tmp_p
 def test_tensorflow_starts_without_its_start_up_lines():
     """Keras imported through startup.quiet on TensorFlow, its devices listed (where a CPU
     machine's cuInit 'error' comes from): nothing on stderr."""
-    script = ("import startup\n"
+    script = ("from gnrepro import startup\n"
               "with startup.quiet():\n"
               "    import keras\n"
               "import tensorflow as tf\n"
@@ -345,7 +346,7 @@ def test_tensorflow_starts_without_its_start_up_lines():
 
 @pytest.mark.parametrize("users, shown", [(None, ["kept"]), ("0", ["I0000", "kept"])])
 def test_absls_lines_are_dropped_unless_the_user_set_the_level(users, shown):
-    script = ("import os, startup\n"
+    script = ("import os\nfrom gnrepro import startup\n"
               "with startup.quiet():\n"
               "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called"
               " are written to STDERR\\n')\n"

@@ -19,7 +19,9 @@ import pytest
 
 from conftest import REPO, backends_python, write_cifar_fixture
 
-FILES = ["gpu.sh", *sorted(p.name for p in REPO.glob("*.py"))]   # what the machine gets: the tree
+FILES = ["gpu.sh", *sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("*.py"),
+                                                                 *REPO.glob("gnrepro/*.py")])]
+# (what the machine gets: the tree)
 PACK = ("bn_b4_w2_s1", "bn_b4_w2_s2")   # grid entries 0 and 10 (seeds 1, 2), made small
 LABEL = "bn_b32_w8_s1+bn_b32_w8_s2"     # the process's, named by the grid's entries
 
@@ -28,6 +30,7 @@ def fresh_tree(root, python):
     """A copy of the repository as a GPU machine gets it, with .gpu/ already holding the data
     and a benchmark (so the calls skip both), and `python3` = JAX without TensorFlow."""
     root.mkdir()
+    (root / "gnrepro").mkdir()
     for name in FILES:
         shutil.copy(REPO / name, root / name)
     for folder in ("models", "logs"):

@@ -33,8 +33,8 @@ import pytest
 from conftest import REPO, assert_same_arrays, loop_acting_in_call  # noqa: F401  (REPO: sys.path)
 
 import keras  # noqa: E402
-import backends  # noqa: E402
-import cifar10  # noqa: E402
+from gnrepro import backends  # noqa: E402
+from gnrepro import cifar10  # noqa: E402
 import train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
@@ -346,7 +346,7 @@ def tree_files(folder):
 
 
 def test_the_sweep_queue_packs_the_seeds_of_each_entry_the_longest_first():
-    import sweep
+    from gnrepro import sweep
     queue = sweep.queue("default", tasks=[0, 4, 10, 14, 24, 9])
     assert [names for _, names in queue] == [["bn_b2_w8_s1", "bn_b2_w8_s2", "bn_b2_w8_s3"],
                                              ["gn_b2_w8_s1"], ["bn_b32_w8_s1", "bn_b32_w8_s2"]]
@@ -362,7 +362,7 @@ def test_the_sweep_queue_packs_the_seeds_of_each_entry_the_longest_first():
 
 def sweep_command(cifar_dir, root, *extra):
     import sys
-    return [sys.executable, "-u", "sweep.py", "--profile", "quick", "--seeds", "1 2", "--tasks",
+    return [sys.executable, "-u", "-m", "gnrepro.sweep", "--profile", "quick", "--seeds", "1 2", "--tasks",
             "0 10", "--epochs", "1", "--train-images", "40", "--test-images", "20", "--loop",
             "scan", "--data-dir", str(cifar_dir), "--models-dir", str(root / "models"),
             "--logs-dir", str(root / "logs"), "--results", str(root / "results.csv"),
@@ -484,7 +484,7 @@ def test_bfloat16_keeps_statistics_weights_and_loss_in_float32(cifar_dir, kind):
 
 
 def test_pack_command_line_errors(capsys):
-    import sweep
+    from gnrepro import sweep
     with pytest.raises(SystemExit) as e:
         train.main(["--norm", "bn", "--batch-size", "2", "--seed", "2", "--pack"])
     assert e.value.code == 2

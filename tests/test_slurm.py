@@ -137,13 +137,13 @@ def test_without_slurm_the_grid_goes_to_sweep_py(fake_python):
     result = subprocess.run(["bash", str(TRAIN_SH), "--profile", "quick", "--epochs", "1"],
                             env=run_env(PYTHON=fake_python), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["ran sweep.py --profile quick --epochs 1"]
+    assert result.stdout.splitlines() == ["ran -m gnrepro.sweep --profile quick --epochs 1"]
 
 
 def test_without_slurm_tasks_reach_sweep_py(fake_python):
     result = subprocess.run(["bash", str(TRAIN_SH), "--epochs", "1"], capture_output=True,
                             text=True, env=run_env(PYTHON=fake_python, TASKS="3 5 7"))
-    assert result.stdout.splitlines() == ["ran sweep.py --tasks 3 5 7 --epochs 1"]
+    assert result.stdout.splitlines() == ["ran -m gnrepro.sweep --tasks 3 5 7 --epochs 1"]
 
 
 def test_array_task_outside_a_smaller_grid_does_nothing(fake_python):

@@ -143,7 +143,7 @@ def test_a_provided_task_trains_in_its_providers_folder(monkeypatch, cifar_dir):
 
 
 def test_old_records_and_checkpoints_still_match_their_configuration(tmp_path):
-    import runfiles
+    from gnrepro import runfiles
     from dataclasses import asdict
     cfg = train.Config(norm="gn", batch_size=8, epochs=100)
     old = {k: v for k, v in asdict(cfg).items() if k not in ("learning_rate", "schedule")}

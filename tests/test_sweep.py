@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 
-import sweep  # noqa: E402
+from gnrepro import sweep  # noqa: E402
 import train  # noqa: E402
 
 
@@ -179,7 +179,7 @@ def test_a_signal_during_the_hand_over_is_kept_and_starts_nothing(cifar_dir):
     script = ("import os, signal, sys\n"
               "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
               "os.kill(os.getpid(), signal.SIGTERM)   # pending, as if sent during the exec\n"
-              f"os.execv(sys.executable, [sys.executable, {str(REPO / 'sweep.py')!r}, "
+              f"os.execv(sys.executable, [sys.executable, '-m', 'gnrepro.sweep', "
               f"'--profile', 'quick', '--data-dir', {str(cifar_dir)!r}])")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=120)

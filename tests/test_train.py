@@ -14,8 +14,8 @@ from conftest import REPO
 
 import keras  # noqa: E402
 import layer  # noqa: E402
-import cifar10  # noqa: E402
-import runfiles  # noqa: E402
+from gnrepro import cifar10  # noqa: E402
+from gnrepro import runfiles  # noqa: E402
 import train  # noqa: E402
 
 
@@ -281,7 +281,7 @@ def test_channels_per_group_and_groups_on_the_command_line():
 
 
 def test_records_and_checkpoints_from_before_channels_per_group_still_match(tmp_path):
-    import runfiles
+    from gnrepro import runfiles
     cfg = train.Config(norm="gn", batch_size=8)
     old = {k: v for k, v in asdict(cfg).items()
            if k != "channels_per_group"}
@@ -374,7 +374,7 @@ def test_run_writes_model_record_and_one_line_per_epoch(reference, cifar_dir):
     assert record["test_error"] == history[-1]["test_error"]
     assert record["params"] == 272_474 and record["config"]["groups"] == 8
     assert record["config"]["train_images"] == 500 and record["data"]["test_images"] == 100
-    import cifar10
+    from gnrepro import cifar10
     assert record["data"]["checksum"] == cifar10.checksum(*cifar10.load(cifar_dir))
     assert set(record["versions"]) >= {"python", "keras", "tensorflow", "numpy"}
     assert record["git_commit"] and record["images_per_second"] > 0

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 import keras  # noqa: E402
-import backends  # noqa: E402
+from gnrepro import backends  # noqa: E402
 import layer  # noqa: E402
 import train  # noqa: E402
 

@@ -263,7 +263,7 @@ class ScanLoop:
     def __init__(self, models, padded, labels, batch, steps, unroll=1):
         import jax
         import jax.numpy as jnp
-        from cifar10 import SIDE
+        from gnrepro.cifar10 import SIDE
         self.models = list(models) if isinstance(models, (list, tuple)) else [models]
         self.model = self.models[0]   # whose (stateless) train_step every member runs
         self.batch, self.steps, self.unroll = batch, steps, unroll
@@ -279,7 +279,7 @@ class ScanLoop:
     def _images(self, index, rows, cols, flips):
         import jax
         import jax.numpy as jnp
-        from cifar10 import SIDE
+        from gnrepro.cifar10 import SIDE
 
         def crop(image, r, c):
             return jax.lax.dynamic_slice(image, (r, c, 0), (SIDE, SIDE, image.shape[-1]))

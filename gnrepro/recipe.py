@@ -2,12 +2,11 @@
 plain Python (no Keras), so that the runners (sweep.py, train.sh) and `train.py --grid`
 need no backend, and each file stands on the ones below it (train.py and sweep.py on this).
 
-    import recipe
+    from gnrepro import recipe
     recipe.grid("quick")                      # the quick profile's runs, as Config
     p, args = recipe.parse_args(["--task", "3"]); recipe.resolve(p, args)
 """
 import argparse
-import ast
 import math
 import os
 import signal
@@ -281,18 +280,25 @@ def _ints(text):
     return [int(t) for t in text.replace(",", " ").split()]
 
 
-def train_usage():
-    """train.py's docstring, whose first line and examples are the help's (read from the file:
-    importing train.py would start Keras)."""
-    return ast.get_docstring(ast.parse(Path(__file__).with_name("train.py").read_text()),
-                             clean=False)
+DESCRIPTION = "ResNet-20 with BatchNorm, GroupNorm, LayerNorm or InstanceNorm on CIFAR-10: one run, or a profile's grid."
+EXAMPLES = """\
+examples:
+  python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
+  python train.py --norm bn --batch-size 4 --workers 8 # 8 workers of 4 images per step
+  python train.py --task 7 [--devices 2]               # the 7th entry of the sweep grid
+  KERAS_BACKEND=jax python train.py ...                # any Keras backend: TensorFlow
+                                                       # (default), JAX, PyTorch
+  KERAS_BACKEND=jax python train.py --norm bn --batch-size 2 --seeds "1 2 3" --pack
+                                                       # 3 seeds in one compiled program
+  python train.py --grid [--profile quick]             # print a profile's grid
+  python train.py --profile quick                      # every entry of a profile's grid,
+                                                       # then reproduce.py and plot.py
+"""
 
 
 def parse_args(argv=None):
-    doc = train_usage().splitlines()
-    p = argparse.ArgumentParser(description=doc[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(doc[3:16]))
+    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
@@ -355,7 +361,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=THREADS,
                    help=f"intra-op threads per process (TensorFlow, XLA on a CPU, torch), "
                         f"0 = one per core "
-                        f"(default {THREADS}: see THREADS in train.py)")
+                        f"(default {THREADS}: see THREADS in gnrepro/recipe.py)")
     gpu = p.add_argument_group("speed options for GPUs (off by default; see python bench.py train)")
     gpu.add_argument("--jit-compile", action="store_true",
                      help="compile the training step with XLA (TensorFlow; JAX always does)")

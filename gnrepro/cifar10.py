@@ -1,9 +1,9 @@
 """CIFAR-10: find or fetch the official python release, load it safely, and feed it
 to Keras with He et al.'s preprocessing and augmentation, on every Keras backend.
 
-    python cifar10.py --download [DIR]   # on a machine with network: fetch + extract
+    python -m gnrepro.cifar10 --download [DIR]   # on a machine with network: fetch + extract
                                          # (DIR default: $CIFAR10_DIR, else the Keras cache)
-    python cifar10.py --check [DIR]      # load, validate, print counts and sha256
+    python -m gnrepro.cifar10 --check [DIR]      # load, validate, print counts and sha256
 
 Where the data is looked for, in order: the `data_dir` argument (train.py's --data-dir),
 $CIFAR10_DIR, the Keras cache ($KERAS_HOME/datasets or ~/.keras/datasets). Each is a
@@ -99,9 +99,9 @@ def _not_found(root, where, why):
     if why:
         lines.append(f"The cache is filled automatically, but {why}.")
     lines += ["Fix, one of:",
-              "  python cifar10.py --download          # on a machine with network (a login node):"
+              "  python -m gnrepro.cifar10 --download          # on a machine with network (a login node):"
               f" fills {cache_dir()}",
-              "  python cifar10.py --download DIR      # then run with --data-dir DIR or CIFAR10_DIR=DIR",
+              "  python -m gnrepro.cifar10 --download DIR      # then run with --data-dir DIR or CIFAR10_DIR=DIR",
               f"  or copy {TARBALL} ({URL}, md5 {MD5}) into {root}"]
     return FileNotFoundError("\n".join(lines))
 
@@ -177,7 +177,7 @@ def _open_tar(tarball):
         if tar is not None:
             tar.close()
         raise ValueError(f"{tarball} is not a readable tar.gz ({e}): delete it and fetch it again "
-                         "(python cifar10.py --download)") from e
+                         "(python -m gnrepro.cifar10 --download)") from e
 
 
 def _check_member(m, root, tarball):
@@ -216,7 +216,7 @@ def read_batch(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the folder is incomplete; delete "
-                                f"{path.parent} and fetch again (python cifar10.py --download)")
+                                f"{path.parent} and fetch again (python -m gnrepro.cifar10 --download)")
     try:
         with open(path, "rb") as f:
             obj = _RestrictedUnpickler(f, encoding="bytes").load()

@@ -1,6 +1,6 @@
 """A run's files: where they go, how they are written, what they record of their origin.
 
-    from runfiles import Paths, atomic_write, write_json
+    from gnrepro.runfiles import Paths, atomic_write, write_json
     paths = Paths("models", "logs", "gn_b32_w8_s1")   # .model, .record, .checkpoint, .logs
     atomic_write("results.csv", lambda tmp: df.to_csv(tmp, index=False))
 
@@ -221,7 +221,7 @@ def git_commit():
     commit with the copied files as local changes."""
     if os.environ.get("TRAIN_GIT_COMMIT"):
         return os.environ["TRAIN_GIT_COMMIT"]
-    repo = Path(__file__).resolve().parent
+    repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -234,7 +234,7 @@ def git_commit():
 
 def provenance():
     """What a run record says of where it ran: commit, library versions, host, devices."""
-    import backends   # (Keras: imported here, so that plot.py and tests need no Keras)
+    from gnrepro import backends   # (Keras: imported here, so that plot.py and tests need no Keras)
     return {"git_commit": git_commit(), "versions": backends.versions(), "host": platform.node(),
             "cpus": os.cpu_count(), "gpus": backends.gpus(),
             "intra_op_threads": backends.intra_op_threads()}

@@ -39,10 +39,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import cifar10
-import recipe
+from gnrepro import cifar10
+from gnrepro import recipe
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent   # the repository: train.py, reproduce.py, plot.py
 
 
 def forwarded(args):

@@ -1,7 +1,7 @@
 """Library start-up chatter off, for every command of the repository: the scripts that start
 a Keras backend (train.py, reproduce.py, bench.py) import it through here.
 
-    import startup
+    from gnrepro import startup
     with startup.quiet():
         import keras
 

@@ -189,8 +189,9 @@ def figures(profile, paths):
     """plot.py's arguments for the figures of a profile's report (sweep.py runs them)."""
     study, scale = recipe.PROFILES[profile]
     # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
-    # epochs those 5 include its first ones, so a reduced scale plots the final error.
-    metric = [] if recipe.SCALES[scale]["epochs"] >= 20 else ["--metric", "test_error"]
+    # epochs those 5 include its first ones, so a reduced scale plots the final error. (The
+    # paper's scale leaves epochs None, the schedule's length: its profile's Config says it.)
+    metric = [] if recipe.base_config(profile).epochs >= 20 else ["--metric", "test_error"]
     results = ["--results", paths["results"]]
     if study == "figure1":
         return [[*results, "--out", paths["plot"], *metric],

@@ -10,6 +10,7 @@ noise), so a few epochs of a small model beat chance on them.
 import io
 import os
 import pickle
+import re
 import sys
 import tarfile
 import zipfile
@@ -126,6 +127,20 @@ def loop_acting_in_call(at_call, action):
 def cifar_dir(tmp_path_factory):
     """A tiny CIFAR-10 (500 train, 100 test images) in the official layout."""
     return write_cifar_fixture(tmp_path_factory.mktemp("cifar"))
+
+
+# What TensorFlow and XLA print when they start: absl's lines (I0000 00:00:17... file.cc:12]),
+# its announcement, and the messages themselves.
+CHATTER = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:|absl::InitializeLog|cuInit|oneDNN|cudart_stub|"
+                     r"TF_ENABLE_ONEDNN_OPTS|CUDA error", re.M)
+
+
+def user_env(**extra):
+    """A new user's environment: none of the tests' own settings (TF_CPP_MIN_LOG_LEVEL, SLURM's
+    variables), plus extra."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "TF_CPP_MIN_LOG_LEVEL" and not k.startswith("SLURM_")}
+    return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
 BACKENDS_PYTHON = REPO / ".venv-backends" / "bin" / "python"

@@ -17,7 +17,6 @@ test_slurm.py), and first contact: a new user's commands without CIFAR-10 on dis
 import contextlib
 import errno
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,17 +25,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import CHATTER, REPO, user_env
 
 import keras  # noqa: E402
 from gnrepro import runfiles  # noqa: E402
 from gnrepro import startup  # noqa: E402
 
 CONFIG = {"norm": "gn", "seed": 1}
-# What TensorFlow and XLA print when they start: absl's lines (I0000 00:00:17... file.cc:12]),
-# its announcement, and the messages themselves.
-CHATTER = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:|absl::InitializeLog|cuInit|oneDNN|cudart_stub|"
-                     r"TF_ENABLE_ONEDNN_OPTS|CUDA error", re.M)
 
 
 def tiny_model(seed=0, units=3):
@@ -257,13 +252,6 @@ def test_a_killed_holders_lock_goes_and_so_do_its_temporaries(tmp_path):
 
 # --- first contact ---------------------------------------------------------------------------
 
-def user_env(**extra):
-    """A new user's environment: none of the tests' own settings, CIFAR-10 nowhere on disk."""
-    env = {k: v for k, v in os.environ.items()
-           if k != "TF_CPP_MIN_LOG_LEVEL" and not k.startswith("SLURM_")}
-    return {**env, **{k: str(v) for k, v in extra.items()}}
-
-
 @pytest.mark.parametrize("args", [["train.py", "--grid"], ["train.py", "--grid", "--profile", "quick"],
                                   ["train.py", "--help"], ["-m", "gnrepro.sweep", "--help"],
                                   ["reproduce.py", "--help"]])
@@ -359,3 +347,13 @@ def test_absls_lines_are_dropped_unless_the_user_set_the_level(users, shown):
     assert result.stdout.strip() == (users or startup.DEFAULTS["TF_CPP_MIN_LOG_LEVEL"])
     assert [line.split()[0] for line in result.stderr.splitlines() if "WARNING" not in line] \
         == shown
+
+
+def test_a_default_inherited_from_a_parent_process_is_not_the_users():
+    """A sweep's children inherit quiet()'s TF_CPP_MIN_LOG_LEVEL with its mark: still ours, so
+    they drop absl's lines too; a value the user set (no mark, or another value) is theirs."""
+    key, mark = "TF_CPP_MIN_LOG_LEVEL", startup.MARK + "TF_CPP_MIN_LOG_LEVEL"
+    assert not startup.users_setting(key, {})
+    assert not startup.users_setting(key, {key: "3", mark: "3"})
+    assert startup.users_setting(key, {key: "3"})
+    assert startup.users_setting(key, {key: "0", mark: "3"})

@@ -27,9 +27,14 @@ DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "3"}   # TensorFlow's and XLA's C++ logs: no
 # lines such as `I0000 00:00:1796161653.199293    3008 port.cc:153] oneDNN ...`.
 CHATTER = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\)|"
                      rb"[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w./-]+:\d+\] ")
-_USERS = {k: k in os.environ for k in DEFAULTS}   # what the user set, before our defaults
-for _key, _value in DEFAULTS.items():
-    os.environ.setdefault(_key, _value)
+# Where quiet() set a default, this says so (GNREPRO_DEFAULT_TF_CPP_MIN_LOG_LEVEL=3): the
+# processes a sweep starts inherit both, and must not take our default for the user's choice.
+MARK = "GNREPRO_DEFAULT_"
+
+
+def users_setting(key, environ=os.environ):
+    """Whether the user set `key` (not quiet() in this process or in a parent process)."""
+    return key in environ and environ[key] != environ.get(MARK + key)
 
 
 def _relay(read_fd, write_fd):
@@ -43,11 +48,15 @@ def _relay(read_fd, write_fd):
 @contextlib.contextmanager
 def quiet():
     """Within the block, absl's start-up lines are dropped from stderr (file descriptor 2,
-    where C++ writes); everything else written there passes. A no-op where the user set
-    TF_CPP_MIN_LOG_LEVEL, or TensorFlow has started already."""
-    if _USERS["TF_CPP_MIN_LOG_LEVEL"] or "tensorflow" in sys.modules:
+    where C++ writes); everything else written there passes; TF_CPP_MIN_LOG_LEVEL is set to
+    DEFAULTS' for this process and its children. A no-op where the user set
+    TF_CPP_MIN_LOG_LEVEL, or TensorFlow has started already. Importing this module changes
+    nothing: only quiet() does."""
+    if users_setting("TF_CPP_MIN_LOG_LEVEL") or "tensorflow" in sys.modules:
         yield
         return
+    for key, value in DEFAULTS.items():   # for this process and those it starts
+        os.environ[key] = os.environ[MARK + key] = value
     sys.stderr.flush()
     saved = os.dup(2)
     read_fd, write_fd = os.pipe()

@@ -1,12 +1,13 @@
-# Set-up and entry points. `make quick` runs the whole pipeline at laptop scale,
-# `make test` runs every test (what CI runs). Both create the virtualenv first.
+# Set-up and entry points. `make quick` runs the whole pipeline at laptop scale, `make test`
+# runs every test (what CI runs), `make test-fast` the inner loop of a change. Each creates
+# the virtualenvs it needs first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BVENV := .venv-backends
+STUDIES := he-quick norms-quick groups-quick workers-quick bnstats-quick
 
-.PHONY: quick quick-jpeg studies-quick he-quick norms-quick groups-quick workers-quick test test-tf \
-	test-backends slurm-deps clean-venv
+.PHONY: quick studies-quick $(STUDIES) test test-fast test-tf test-backends slurm-deps clean-venv
 
 # The runtime (what the main job needs), then the test dependencies on top of it.
 $(VENV)/.stamp-run: requirements.txt
@@ -15,37 +16,27 @@ $(VENV)/.stamp-run: requirements.txt
 	$(BIN)/pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.stamp: $(VENV)/.stamp-run requirements-test.txt
-	$(BIN)/pip install -q -r requirements-test.txt
+$(VENV)/.stamp: $(VENV)/.stamp-run tests/requirements.txt
+	$(BIN)/pip install -q -r tests/requirements.txt
 	touch $@
 
-$(BVENV)/.stamp: requirements-backends.txt requirements-jax.txt
+# Keras on JAX and PyTorch, no TensorFlow: the tests under the other backends.
+$(BVENV)/.stamp: requirements-jax.txt tests/requirements.txt
 	$(PY) -m venv $(BVENV)
 	$(BVENV)/bin/pip install -q --upgrade pip
-	$(BVENV)/bin/pip install -q -r requirements-backends.txt
+	$(BVENV)/bin/pip install -q -r requirements-jax.txt -r tests/requirements.txt
 	touch $@
 
-# The main job: every norm and batch size of the grid at the quick profile's scale,
-# then reproduce.py and plot.py: models/quick/, logs/quick/, results-quick.csv,
-# plot-quick.png, curves-quick.png (apart from the paper-scale runs in models/).
-# CIFAR10_DIR=... points at a copy of CIFAR-10; LABEL="..." names it in the figure.
-# The studies beyond Figure 1 at the same scale, each into its own files the same way
-# (models/norms-quick/, results-norms-quick.csv, plot-norms-quick.png, ...).
-# SEEDS="1 2 3" runs the grid with those seeds (a spread) instead of the profile's one.
-quick he-quick norms-quick groups-quick workers-quick: $(VENV)/.stamp-run
+# The main job: every norm and batch size of the grid at the quick profile's scale, then
+# reproduce.py and plot.py: models/quick/, logs/quick/, results/quick/ (results.csv, plot.png,
+# curves.png). The studies beyond Figure 1 at the same scale, each the same way into its own
+# folders (make norms-quick: models/norms-quick/, results/norms-quick/, ...; all of them:
+# make studies-quick). CIFAR10_DIR=... points at a copy of CIFAR-10; LABEL="..." names it in
+# the figures; SEEDS="1 2 3" runs the grid with those seeds (a spread) instead of the profile's.
+quick $(STUDIES): $(VENV)/.stamp-run
 	$(BIN)/python train.py --profile $@ $(if $(LABEL),--label "$(LABEL)") $(if $(SEEDS),--seeds "$(SEEDS)")
 
-studies-quick: he-quick norms-quick workers-quick groups-quick
-
-# The main job on a machine without network that holds the JPEG copy of CIFAR-10 beside
-# the checkout (../shared/data): convert it (with pillow) into JPEG_DIR, then `quick` on it
-# (or another profile: make quick-jpeg PROFILE=norms-quick).
-JPEG_DIR ?= /tmp/cifar10-jpeg
-PROFILE ?= quick
-quick-jpeg: $(VENV)/.stamp-run
-	$(BIN)/pip install -q "pillow>=10"
-	test -d $(JPEG_DIR)/cifar-10-batches-py || $(BIN)/python ../shared/data/cifar10_jpeg.py $(JPEG_DIR)
-	$(MAKE) $(PROFILE) CIFAR10_DIR=$(JPEG_DIR) LABEL="CIFAR-10, JPEG re-encoded copy (not the official files)"
+studies-quick: $(STUDIES)
 
 # Both suites at once, each one's output printed whole as it ends: one suite alone keeps about
 # one core busy (the SLURM tests wait on the scheduler, start-ups wait on imports), and CI's
@@ -68,6 +59,15 @@ slurm-deps:
 test-backends: $(BVENV)/.stamp
 	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_workers.py tests/test_backends.py tests/test_packs.py
 	KERAS_BACKEND=torch $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_workers.py tests/test_backends.py
+
+# The inner loop (about 3 minutes on 2 cores): the layer, the builder, the recipe, the data and
+# the pipeline on tiny fixtures, under TensorFlow; no SLURM, no second virtualenv, none of the
+# tests marked slow (whole sweeps, resumes after a kill, real data). Before a submission:
+# make test.
+FAST := test_layer test_imports test_readme test_cifar10 test_train test_studies test_sweep \
+	test_reproduce test_plot test_faults test_workers test_paper_scale
+test-fast: $(VENV)/.stamp
+	$(BIN)/python -m pytest -q -m "not slow" $(FAST:%=tests/%.py)
 
 clean-venv:
 	rm -rf $(VENV) $(BVENV)

@@ -1,19 +1,19 @@
 """Performance measurements, printed side by side (timing is not a test).
 
-    python bench.py train [--quick] [--workers 1 8] [--threads T] [--jit-compile]
-                          [--mixed-precision]
+    python bench.py train [--quick] [--workers 1 8] [--threads T] [--mixed-precision]
     python bench.py backends [--backends tensorflow jax torch] [--python-jax PATH] [--cpus K]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
     KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
     KERAS_BACKEND=jax python bench.py pack [--pack 3] [--batch-sizes 32 16 8 4 2]
                           [--variants float32 unroll4 bf16] [--xla-flags FLAGS]
-    python bench.py plan [--pack-cost 1.0] [--step-ms 2.5]   # GPU minutes of the work left
+    python bench.py plan --step-ms IMAGES=MS ... [--processes K --speedup X]
+                         [--session-minutes M] [--pack-cost 1.0]   # GPU minutes left
 
 `train` (on the backend of KERAS_BACKEND: tensorflow, jax or torch; the default is
 tensorflow where it is installed, else jax): training throughput (images per second after
 warm-up) of train.py's ResNet-20 with BN and with GN at batch sizes N = 32 to 2 and W
-workers, trained as train.py trains it (build_model, compile_model, train.Batches of
-cifar10.TrainBatches, train.StepCallback), and in the same run a plain baseline: the same
+workers, trained as train.py trains it (build_model, compile_model, loops.Batches of
+cifar10.TrainBatches, loops.StepCallback), and in the same run a plain baseline: the same
 architecture with keras.layers.BatchNormalization (over all W * N images of a step) /
 GroupNormalization, compiled with SGD and Keras' defaults (one step per call), fed from
 NumPy arrays by model.fit with default settings (verbose=0). Each configuration is built,
@@ -21,7 +21,7 @@ compiled and run once untimed first; the configurations are interleaved in every
 (a busy CPU slows them alike); the table shows medians, the ratios to the baseline,
 GN/BN, each batch size against 32, the cores kept busy (process CPU seconds per second),
 the rate of train.evaluate's inference (predict on the test inputs, in batches of
-train.EVAL_BATCH_SIZE) and the wall time of the full sweep (train.py's grid, 100 epochs of
+recipe.EVAL_BATCH_SIZE) and the wall time of the full sweep (train.py's grid, 100 epochs of
 50,000 training and 10,000 test images) at those rates. The images are synthetic (speed
 does not depend on them), so no data set is needed. Intra-op threads are set per process
 (backends.set_threads), so the baseline runs with train.py's THREADS too (compare
@@ -57,20 +57,32 @@ steps after the first (compilation; its seconds are shown). XLA flags (command b
 --xla-flags "--xla_gpu_enable_command_buffer=+WHILE") are per process: compare two runs.
 
 `plan`: no measurement; the GPU minutes that the paper-scale grids still need (the entries
-without a run record in their models folder) at the speeds last measured on the lent H200
-(H200_STEP_MS: a scan-loop step at W = 8, float32, one process; between and beyond the two
-measured step sizes, linear in the step's images), and the loans of LOAN_SECONDS of
-training that makes with 4 processes at once (their measured aggregate, 1.8x one), one run
-a process or packs of the seeds (whose step costs --pack-cost solo steps: to be measured).
---step-ms T: what if a step of 16 images took T ms, every step saving the same launch time.
+without a run record in their models folder) at the step times measured on your card:
+--step-ms IMAGES=MS, the milliseconds of a training step of IMAGES (W * N) images at two step
+sizes or more (`bench.py pack`'s solo ms, or 1000 * W * N / `bench.py loop`'s img/s), linear in
+the step's images between and beyond them; per norm with --step-ms-bn and --step-ms-gn (GN's
+for LN and IN too). Evaluation counts at EVAL_SPEEDUP times the training rate of the largest
+measured step. --processes K --speedup X: K processes at once train X times one's img/s;
+--session-minutes M: how many sessions of M minutes of training the work takes with them, on a
+GPU held for a limited time (a cloud spot instance, a time-limited notebook), one run a process
+or packs of the seeds (whose step costs --pack-cost solo steps: measure it with `bench.py
+pack`); without it the sessions columns show '-'. For example, at the figures measured on an
+NVIDIA H200 with JAX 0.11.2 on 2026-11-27 (`bench.py loop`, the scan loop at W = 8, float32, one
+process: BN 6,261 and GN 6,325 img/s at 16 images a step, 44,024 and 41,192 at 256; and 4
+processes at once 1.8x one), in sessions of 10 minutes of training:
+
+    python bench.py plan --step-ms-bn 16=2.56 256=5.82 --step-ms-gn 16=2.53 256=6.21 \
+        --processes 4 --speedup 1.8 --session-minutes 10
 
 Writes nothing; prints the tables to stdout.
 """
 import argparse
+import bisect
 import contextlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -90,6 +102,8 @@ with startup.quiet():
     import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gnrepro import loops, recipe  # noqa: E402
+
 FEATURE_MAPS = [(32, 32, 16), (16, 16, 32), (8, 8, 64)]  # ResNet-20's three stages
 GROUPS = 8  # what train.py uses
 EVAL_IMAGES = 2000  # test inputs of the evaluation rate (the first of the synthetic images)
@@ -108,38 +122,47 @@ def train_step(norm, x):
     norm.build(x.shape)
     w = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(size=x.shape), "float32")
     backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+    steps = {"tensorflow": _tf_step, "jax": _jax_step, "torch": _torch_step}
+    if backend not in steps:
+        raise ValueError(f"bench.py supports tensorflow, jax and torch, not {backend}")
+    return steps[backend](norm, x, w)
 
-        @tf.function(jit_compile=False)  # Keras' "auto" picks no XLA on a CPU
-        def step(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(norm(x, training=True) * w)
-            return tape.gradient(loss, [x] + norm.trainable_variables)
-        return lambda: step(x)  # TF runs ops synchronously on the CPU
-    if backend == "jax":
-        import jax
-        state = [v.value for v in norm.trainable_variables]
-        others = [v.value for v in norm.non_trainable_variables]
 
-        # stateless_call passes keywords straight to call(), which GN's lacks.
-        takes_training = "training" in inspect.signature(norm.call).parameters
-        kwargs = {"training": True} if takes_training else {}
+def _tf_step(norm, x, w):
+    import tensorflow as tf
 
-        def loss(trainable, x):
-            y, _ = norm.stateless_call(trainable, others, x, **kwargs)
-            return (y * w).sum()
-        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        return lambda: jax.block_until_ready(step(state, x))
-    if backend == "torch":
-        x = x.clone().requires_grad_(True)
+    @tf.function(jit_compile=False)  # Keras' "auto" picks no XLA on a CPU
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(norm(x, training=True) * w)
+        return tape.gradient(loss, [x] + norm.trainable_variables)
+    return lambda: step(x)  # TF runs ops synchronously on the CPU
 
-        def step():
-            loss = (norm(x, training=True) * w).sum()
-            return loss.backward()
-        return step
-    raise ValueError(f"bench.py supports tensorflow, jax and torch, not {backend}")
+
+def _jax_step(norm, x, w):
+    import jax
+    state = [v.value for v in norm.trainable_variables]
+    others = [v.value for v in norm.non_trainable_variables]
+
+    # stateless_call passes keywords straight to call(), which GN's lacks.
+    takes_training = "training" in inspect.signature(norm.call).parameters
+    kwargs = {"training": True} if takes_training else {}
+
+    def loss(trainable, x):
+        y, _ = norm.stateless_call(trainable, others, x, **kwargs)
+        return (y * w).sum()
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return lambda: jax.block_until_ready(step(state, x))
+
+
+def _torch_step(norm, x, w):
+    x = x.clone().requires_grad_(True)
+
+    def step():
+        loss = (norm(x, training=True) * w).sum()
+        return loss.backward()   # eager, as Keras' torch trainer runs
+    return step
 
 
 def seconds_per_step(step, steps):
@@ -220,7 +243,7 @@ class Throughput(keras.callbacks.Callback):
 
 
 class NoStop:
-    requested = None   # train.StepCallback's stop flag, never raised here
+    requested = None   # loops.StepCallback's stop flag, never raised here
 
 
 def synthetic(images, seed=0):
@@ -244,18 +267,18 @@ class Images:
 
 
 def ours(norm, batch_size, workers, args, data):
-    """fit(callback) for train.py's model, compiled and fed as train.py's _fit_epoch does:
-    build_model, compile_model, train.Batches of cifar10.TrainBatches, train.StepCallback."""
+    """fit(callback) for train.py's model, compiled and fed as loops.fit_epoch does:
+    build_model, compile_model, loops.Batches of cifar10.TrainBatches, loops.StepCallback."""
     from gnrepro import cifar10
     import train
-    cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers,
-                       **{k: True for k in ("jit_compile", "mixed_precision") if getattr(args, k)})
+    cfg = recipe.Config(norm=norm, batch_size=batch_size, workers=workers,
+                        mixed_precision=args.mixed_precision)
     step = batch_size * workers
     total = cifar10.steps_per_epoch(len(data.y), step)
     model = train.build_model(cfg)
     train.compile_model(model, cfg, total)
-    batches = train.Batches(cifar10.TrainBatches(data.padded, data.y, step, cfg.seed, 0))
-    steps = train.StepCallback(NoStop(), 0, total, False)
+    batches = loops.Batches(cifar10.TrainBatches(data.padded, data.y, step, cfg.seed, 0))
+    steps = loops.StepCallback(NoStop(), 0, total, False)
 
     def fit(callback):
         # train.py calls fit once per epoch on that epoch's batches; this fit goes over epoch
@@ -269,7 +292,8 @@ def keras_norm(layer_):
     import layer
     config = layer_.get_config()
     if isinstance(layer_, keras.layers.BatchNormalization):   # WorkerBatchNormalization too
-        config.pop("workers", None)
+        for ours in ("workers", "moving_statistics"):   # Keras' BN: one batch, its own rule
+            config.pop(ours, None)
         return keras.layers.BatchNormalization.from_config(config)
     if isinstance(layer_, layer.GroupNormalization):
         return keras.layers.GroupNormalization.from_config(config)
@@ -282,10 +306,10 @@ def baseline(norm, batch_size, workers, args, data):
     arrays, model.fit's defaults."""
     from gnrepro import cifar10
     import train
-    cfg = train.Config(norm=norm, batch_size=batch_size)
-    model = keras.models.clone_model(train.build_resnet20(norm, train.GROUPS),
+    cfg = recipe.Config(norm=norm, batch_size=batch_size)
+    model = keras.models.clone_model(train.build_resnet20(norm, recipe.GROUPS),
                                      clone_function=keras_norm)
-    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=train.MOMENTUM),
+    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=recipe.MOMENTUM),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     images = cifar10.normalize(data.x, data.mean)
@@ -325,11 +349,10 @@ def measure(runs, key, args):
 
 def eval_rate(model, data, repeats=2, warmup=True):
     """Images per second of train.evaluate's inference pass (predict on the test inputs in
-    batches of train.EVAL_BATCH_SIZE); median of `repeats`, after one untimed pass."""
-    import train
+    batches of recipe.EVAL_BATCH_SIZE); median of `repeats`, after one untimed pass."""
 
     def predict():
-        model.predict(data.test_inputs, batch_size=train.EVAL_BATCH_SIZE, verbose=0)
+        model.predict(data.test_inputs, batch_size=recipe.EVAL_BATCH_SIZE, verbose=0)
     if warmup:
         predict()
     times = []
@@ -352,14 +375,11 @@ def threads_line(args):
             f"0: one per core), set by backends.set_threads")
 
 
-def speed_line(args, runs):
+def speed_line():
+    """How ours runs its step here (train.compile_model's jit_compile: backends.jit_compile)."""
     from gnrepro import backends
-    if backends.name() == "tensorflow":
-        # Keras compiles without XLA where TensorFlow's op determinism is on: say what ran.
-        used = {bool(model.jit_compile)
-                for (*_, kind), (model, _) in runs.items() if kind == "ours"}
-        return f"--jit-compile {args.jit_compile}, XLA used {' '.join(map(str, sorted(used)))}"
-    return {"jax": "jitted (always on JAX)",
+    return {"tensorflow": "tf.function without XLA (TensorFlow's op determinism rules it out)",
+            "jax": "jitted (always on JAX)",
             "torch": "eager (Keras' torch trainer)"}[backends.name()]
 
 
@@ -372,7 +392,7 @@ def bench_train(args):
     data = Images(args.images)
     runs = prepare(args, data, KINDS)
     print(f"{threads_line(args)}, and backends.enable_determinism() as train.py: ours and "
-          f"keras alike; ours: {speed_line(args, runs)}, mixed_precision={args.mixed_precision}")
+          f"keras alike; ours: {speed_line()}, mixed_precision={args.mixed_precision}")
     samples = {key: [] for key in runs}
     for _ in range(args.repeats):
         for key in runs:   # interleaved: each repeat visits every one
@@ -385,7 +405,6 @@ def bench_train(args):
 
 
 def print_train_table(args, rate, cores, evals):
-    import train
     top = max(args.batch_sizes)
     print(f"{'norm':<5}{'N':>4}{'W':>3}{'ours img/s':>12}{'keras img/s':>13}{'ours/keras':>12}"
           f"{'GN/BN':>7}{'keras GN/BN':>13}{f'N/{top}':>7}{f'keras N/{top}':>14}"
@@ -398,7 +417,7 @@ def print_train_table(args, rate, cores, evals):
               f"{gn_bn[0]:>7}{gn_bn[1]:>13}{o / rate[norm, top, w, 'ours']:>7.2f}"
               f"{k / rate[norm, top, w, 'keras']:>14.2f}"
               f"{cores[norm, n, w, 'ours']:>12.2f}{cores[norm, n, w, 'keras']:>13.2f}")
-    print(f"evaluation (train.evaluate's inference, batch {train.EVAL_BATCH_SIZE}): "
+    print(f"evaluation (train.evaluate's inference, batch {recipe.EVAL_BATCH_SIZE}): "
           + ", ".join(f"{norm} {r:.0f} img/s" for norm, r in evals.items()))
     print(f"{args.images} synthetic images; medians of {args.repeats} interleaved repeats of "
           f"{args.seconds:g} s after {args.warmup:g} s of warm-up each; cores: the process's "
@@ -409,11 +428,10 @@ def print_train_table(args, rate, cores, evals):
 def print_sweep(args, rate, evals):
     """Wall time of train.py's grid at these rates: EPOCHS epochs of the official set."""
     from gnrepro import cifar10
-    import train
-    runs = sorted({(c.norm, c.batch_size) for c in train.grid() if c.seed == train.SEEDS[0]})
+    runs = sorted({(c.norm, c.batch_size) for c in recipe.grid() if c.seed == recipe.SEEDS[0]})
     norms = sorted({norm for norm, _ in runs})   # Figure 1's: bn and gn
     if not {(norm, n) for norm in args.norms for n in args.batch_sizes} >= set(runs):
-        print(f"sweep estimate: needs every norm {norms} and batch size {train.BATCH_SIZES}")
+        print(f"sweep estimate: needs every norm {norms} and batch size {recipe.BATCH_SIZES}")
         return
     n_train, n_test = cifar10.OFFICIAL_COUNTS
     for w in args.workers:
@@ -423,12 +441,12 @@ def print_sweep(args, rate, evals):
             for norm, n in runs:
                 step = n * w
                 trained = cifar10.steps_per_epoch(n_train, step) * step
-                seconds += train.EPOCHS * (trained / rate[norm, n, w, kind]
+                seconds += recipe.EPOCHS * (trained / rate[norm, n, w, kind]
                                            + n_test / evals[norm])
             hours[kind] = seconds / 3600
-        seeds = len(train.SEEDS)
+        seeds = len(recipe.SEEDS)
         print(f"sweep at these rates ({len(runs)} runs = {len(norms)} norms x "
-              f"{len(train.BATCH_SIZES)} batch sizes, W = {w}, {train.EPOCHS} epochs of "
+              f"{len(recipe.BATCH_SIZES)} batch sizes, W = {w}, {recipe.EPOCHS} epochs of "
               f"{n_train:,} training + {n_test:,} test images, one process at a time on this "
               f"machine): ours {hours['ours']:.1f} h, keras baseline {hours['keras']:.1f} h; "
               f"x {seeds} seeds: ours {seeds * hours['ours']:.1f} h")
@@ -564,7 +582,6 @@ def bench_backends(args):
 
 
 def print_backends_table(args, rate, cores, evals):
-    import train
     names = [SHORT[b] for b in args.backends]
     ref = args.backends[0]
     print(f"{'norm':<5}{'N':>4}{'W':>3}" + "".join(f"{n + ' img/s':>13}" for n in names)
@@ -582,11 +599,11 @@ def print_backends_table(args, rate, cores, evals):
     for norm in args.norms:
         print(f"{norm:<12}" + "".join(f"{evals[b, norm]:>13.0f}" for b in args.backends)
               + "".join(f"{evals[b, norm] / evals[ref, norm]:>10.2f}" for b in args.backends[1:]))
-    print(f"ours (train.py's build_model, compile_model, train.Batches, StepCallback) on each "
+    print(f"ours (train.py's build_model, compile_model, loops.Batches, StepCallback) on each "
           f"backend, {args.images} synthetic images; medians of {args.repeats} interleaved "
           f"repeats of {args.seconds:g} s after {args.warmup:g} s of warm-up each; eval: predict "
           f"on {min(EVAL_IMAGES, args.images)} test inputs in batches of "
-          f"{train.EVAL_BATCH_SIZE}; cores: the worker's CPU seconds per wall second (under 1 "
+          f"{recipe.EVAL_BATCH_SIZE}; cores: the worker's CPU seconds per wall second (under 1 "
           f"where it waited, for the CPU on a busy machine or for its input)")
 
 
@@ -599,7 +616,7 @@ def loop_rate(norm, batch_size, workers, mixed, loop, x, y, calls=2):
     images each; fit: one epoch of x each)."""
     from gnrepro import cifar10
     import train
-    cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, mixed_precision=mixed)
+    cfg = recipe.Config(norm=norm, batch_size=batch_size, workers=workers, mixed_precision=mixed)
     step = batch_size * workers
     total = cifar10.steps_per_epoch(len(y), step)
     model = train.build_model(cfg)
@@ -607,13 +624,13 @@ def loop_rate(norm, batch_size, workers, mixed, loop, x, y, calls=2):
     padded = cifar10.padded(x, cifar10.pixel_mean(x))
     draws = cifar10.epoch_draws(len(y), cfg.seed, 0)
     if loop == "scan":
-        runner = train.scan_loop(model, padded, y, step)
+        runner = loops.scan_loop(model, padded, y, step)
 
         def one():
             runner.run(draws, 0, runner.steps)
         images = runner.steps * step
     else:
-        batches = train.Batches(cifar10.TrainBatches(padded, y, step, cfg.seed, 0))
+        batches = loops.Batches(cifar10.TrainBatches(padded, y, step, cfg.seed, 0))
 
         def one():
             model.fit(batches, epochs=1, verbose=0, shuffle=False)
@@ -653,64 +670,175 @@ def bench_loop(args):
 
 # ---------------------------------------------------------------- bench.py plan
 
-# Measured on the lent H200 (README, Paper scale on a borrowed GPU; bench.py loop, 2026-11-27):
-# ms a scan-loop step of W * N images at W = 8, float32, one process: img/s 6,261 (BN) and
-# 6,325 (GN) at 16 images, 44,024 and 41,192 at 256.
-H200_STEP_MS = {"bn": ((16, 16 / 6.261), (256, 256 / 44.024)),
-                "gn": ((16, 16 / 6.325), (256, 256 / 41.192))}
-H200_PROCESSES = (4, 1.8)   # 4 processes at once: 80k img/s against 44k for one (N = 32, 16)
-LOAN_SECONDS = 600          # a loan's training time (15 minutes less start-up and packing)
 PAPER_PROFILES = ("default", "he", "norms", "workers", "groups")   # recipe.PROFILES' order at
                             #   the paper's scale: a profile counts the runs it provides
+EVAL_SPEEDUP = 3   # evaluation's img/s against training's at the largest measured step: an
+                   #   assumption (a forward pass alone, in batches of 1000), not measured
 
 
-def run_minutes(cfg, step_ms=None):
-    """GPU minutes of one paper-scale run at the measured step times (LN, IN: as GN), its
-    evaluation (100 x 10,000 test images at 3 times the training rate at 256) included."""
-    from gnrepro import cifar10
-    images = cfg.batch_size * cfg.workers
-    (x0, t0), (x1, t1) = H200_STEP_MS["bn" if cfg.norm == "bn" else "gn"]
+def step_figure(text):
+    """'16=2.56' -> (16, 2.56): a step of 16 images in 2.56 ms (--step-ms' argparse type)."""
+    images, _, ms = text.partition("=")
+    try:
+        images, ms = int(images), float(ms)
+    except ValueError:
+        images = ms = None
+    if images is None or images < 1 or not ms > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected IMAGES=MS, a step of IMAGES images (a positive integer) in MS "
+            f"milliseconds (positive), e.g. 16=2.56; got {text!r}")
+    return images, ms
+
+
+def step_times(parser, args):
+    """{"bn": [(images, ms), ...], "gn": ...} sorted by images, from --step-ms and the per-norm
+    --step-ms-bn / --step-ms-gn (which win); at least two step sizes each, or parser.error."""
+    times = {}
+    for norm in ("bn", "gn"):
+        option = f"--step-ms-{norm}" if getattr(args, f"step_ms_{norm}") else "--step-ms"
+        figures = getattr(args, f"step_ms_{norm}") or args.step_ms
+        if not figures:
+            parser.error("--step-ms IMAGES=MS ... is required (or both --step-ms-bn and "
+                         "--step-ms-gn): the milliseconds of a training step of IMAGES images "
+                         "at two step sizes or more, e.g. --step-ms 16=2.56 256=5.81; measure "
+                         "them on your card with `bench.py pack` (solo ms) or `bench.py loop` "
+                         "(ms = 1000 * W * N / img/s)")
+        sizes = [images for images, _ in figures]
+        if len(set(sizes)) < 2 or len(set(sizes)) < len(sizes):
+            parser.error(f"{option} needs two step sizes or more, each once (IMAGES=MS with "
+                         f"distinct IMAGES), got {' '.join(f'{i}={m:g}' for i, m in figures)}")
+        times[norm] = sorted(figures)
+    return times
+
+
+def check_plan_arguments(parser, args):
+    args.step_ms = step_times(parser, args)
+    recipe.require_positive(parser, args, ("processes",))
+    if (args.processes is None) != (args.speedup is None):
+        parser.error("--processes K and --speedup X go together: K processes at once train X "
+                     "times one's images per second (measure it: K runs at once against one)")
+    if args.processes is None:
+        args.processes, args.speedup = 1, 1.0
+    if not 0 < args.speedup <= args.processes:
+        parser.error(f"--speedup should be more than 0 and at most --processes "
+                     f"({args.processes}), got {args.speedup:g}")
+    for name in ("pack_cost", "session_minutes"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+
+
+def ms_per_step(figures, images):
+    """ms a step of `images` images: linear in the images between the measured step sizes
+    (figures: (images, ms), sorted) and, beyond them, along the nearest two."""
+    i = min(max(bisect.bisect_left([x for x, _ in figures], images), 1), len(figures) - 1)
+    (x0, t0), (x1, t1) = figures[i - 1], figures[i]
     ms = t0 + (t1 - t0) * (images - x0) / (x1 - x0)
-    if step_ms:   # the step of 16 images in step_ms: every step saves the same launch time
-        ms -= t0 - step_ms
-    train_s = cfg.epochs * cifar10.steps_per_epoch(50_000, images) * ms / 1000
-    eval_s = cfg.epochs * 10_000 / (3 * x1 / t1 * 1000)
+    if ms <= 0:
+        raise SystemExit(f"error: the step times {' '.join(f'{i}={m:g}' for i, m in figures)} "
+                         f"extrapolate to {ms:.3g} ms a step of {images} images: give one "
+                         f"measured nearer {images} images too (--step-ms)")
+    return ms
+
+
+def run_minutes(cfg, step_ms):
+    """GPU minutes of one paper-scale run at the measured step times (step_ms[norm]; LN, IN:
+    GN's), its evaluation (each epoch's test images at EVAL_SPEEDUP times the training
+    rate of the largest measured step) included."""
+    from gnrepro import cifar10
+    n_train, n_test = cifar10.OFFICIAL_COUNTS
+    figures = step_ms["bn" if cfg.norm == "bn" else "gn"]
+    images = cfg.batch_size * cfg.workers
+    train_s = cfg.epochs * cifar10.steps_per_epoch(n_train, images) * ms_per_step(figures,
+                                                                                 images) / 1000
+    x1, t1 = figures[-1]
+    eval_s = cfg.epochs * n_test / (EVAL_SPEEDUP * x1 / t1 * 1000)
     return (train_s + eval_s) / 60
 
 
-def bench_plan(args):
-    """A line per paper-scale profile: runs left, GPU minutes, the longest run, loans. Each
-    configuration counts once, in the profile that provides it (train.provider)."""
-    import math
-    import train
+def work_left(profile, args):
+    """(minutes of each run left, of each pack left) of a paper-scale profile: its entries
+    without a run record in its models folder, each once (recipe.provider); a pack of
+    seeds takes its longest member's minutes times --pack-cost."""
     from dataclasses import replace
-    jobs, speedup = H200_PROCESSES
-    loan = LOAN_SECONDS / 60
-    print(f"{'profile':<9}{'runs left':>10}{'GPU min':>9}{'longest':>9}{'loans':>7}"
-          f"{'packs':>7}{'pack min':>10}{'loans':>7}")
+    models = Path(args.models_dir or ".") / recipe.profile_paths(profile)["models_dir"]
+    left = [c for c in recipe.grid(profile) if recipe.provider(c) == profile
+            and not (models / f"{c.name}.json").exists()]
+    minutes = [run_minutes(c, args.step_ms) for c in left]
+    packs = {}
+    for c, m in zip(left, minutes):
+        packs.setdefault(replace(c, seed=0), []).append(m)
+    return minutes, [max(ms) * (args.pack_cost if len(ms) > 1 else 1) for ms in packs.values()]
+
+
+def sessions(work, args):
+    """Sessions of --session-minutes of training that `work` (minutes of runs) takes with
+    --processes at --speedup: at least the work over the processes' rate, and at least the
+    longest run (it resumes in the next session); None without --session-minutes."""
+    if args.session_minutes is None:
+        return None
+    m = args.session_minutes
+    return max(math.ceil(sum(work) / (m * args.speedup)), math.ceil(max(work, default=0) / m))
+
+
+def bench_plan(args):
+    """A line per paper-scale profile: runs left, GPU minutes, the longest run, sessions (or
+    '-' without --session-minutes), then the same for packs of the seeds; then the total."""
+    def cell(n):
+        return "-" if n is None else n
+    print(f"{'profile':<9}{'runs left':>10}{'GPU min':>9}{'longest':>9}{'sessions':>10}"
+          f"{'packs':>7}{'pack min':>10}{'sessions':>10}")
     total = [0, 0.0, 0, 0, 0.0, 0]
     for profile in PAPER_PROFILES:
-        models = Path(args.models_dir or ".") / train.profile_paths(profile)["models_dir"]
-        left = [c for c in train.grid(profile) if train.provider(c) == profile
-                and not (models / f"{c.name}.json").exists()]
-        minutes = [run_minutes(c, args.step_ms) for c in left]
-        packs = {}
-        for c, m in zip(left, minutes):   # a pack of k seeds: its longest member, times the cost
-            packs.setdefault(replace(c, seed=0), []).append(m)
-        pack_minutes = [max(ms) * (args.pack_cost if len(ms) > 1 else 1) for ms in packs.values()]
-        longest = max(minutes, default=0)
+        minutes, packs = work_left(profile, args)
+        row = (len(minutes), sum(minutes), sessions(minutes, args), len(packs), sum(packs),
+               sessions(packs, args))
+        print(f"{profile:<9}{row[0]:>10}{row[1]:>9.0f}{max(minutes, default=0):>9.1f}"
+              f"{cell(row[2]):>10}{row[3]:>7}{row[4]:>10.0f}{cell(row[5]):>10}")
+        total = [None if a is None or b is None else a + b for a, b in zip(total, row)]
+    print(f"{'all':<9}{total[0]:>10}{total[1]:>9.0f}{'-':>9}{cell(total[2]):>10}{total[3]:>7}"
+          f"{total[4]:>10.0f}{cell(total[5]):>10}")
+    together = (f"{args.processes} processes at once at {args.speedup:g}x one"
+                if args.processes > 1 else "one process")
+    at = (f"sessions of {args.session_minutes:g} min of training, {together}; a run longer than "
+          f"a session resumes in the next" if args.session_minutes else
+          "sessions: give --session-minutes")
+    figures = ", ".join(f"{norm} " + " ".join(f"{i}={ms:g}" for i, ms in args.step_ms[norm])
+                        for norm in args.step_ms)
+    print(f"(GPU min: one process at a time, at the step ms {figures}; {at}; packs: the seeds "
+          f"of an entry in one process at {args.pack_cost} solo steps a step)")
 
-        def loans(work):
-            return max(math.ceil(sum(work) / (loan * speedup)), math.ceil(max(work, default=0) / loan))
-        print(f"{profile:<9}{len(left):>10}{sum(minutes):>9.0f}{longest:>9.1f}{loans(minutes):>7}"
-              f"{len(packs):>7}{sum(pack_minutes):>10.0f}{loans(pack_minutes):>7}")
-        total = [a + b for a, b in zip(total, (len(left), sum(minutes), loans(minutes),
-                                                len(packs), sum(pack_minutes), loans(pack_minutes)))]
-    print(f"{'all':<9}{total[0]:>10}{total[1]:>9.0f}{'-':>9}{total[2]:>7}{total[3]:>7}"
-          f"{total[4]:>10.0f}{total[5]:>7}")
-    print(f"(GPU min: one process at a time; loans of {loan:.0f} min with {jobs} processes at "
-          f"{speedup}x one; a run longer than a loan resumes in the next; packs: the seeds of an "
-          f"entry in one process at {args.pack_cost} solo steps a step)")
+
+def add_plan_parser(sub):
+    q = sub.add_parser("plan", help="GPU minutes (and sessions) of the paper-scale work left, "
+                                    "at step times measured on your card (no measurement)",
+                       epilog="e.g. at an NVIDIA H200's (JAX 0.11.2, 2026-11-27, float32, one "
+                              "process): --step-ms-bn 16=2.56 256=5.82 --step-ms-gn 16=2.53 "
+                              "256=6.21 --processes 4 --speedup 1.8 --session-minutes 10")
+    q.add_argument("--step-ms", type=step_figure, nargs="+", metavar="IMAGES=MS",
+                   help="ms a training step of IMAGES images (W * N), at two step sizes or more, "
+                        "e.g. 16=2.56 256=5.81 (linear in between and beyond); measure them with "
+                        "`bench.py pack` (solo ms) or `bench.py loop`; required unless both "
+                        "--step-ms-bn and --step-ms-gn are given")
+    q.add_argument("--step-ms-bn", type=step_figure, nargs="+", metavar="IMAGES=MS",
+                   help="BN's step times (instead of --step-ms)")
+    q.add_argument("--step-ms-gn", type=step_figure, nargs="+", metavar="IMAGES=MS",
+                   help="GN's step times, LN's and IN's too (instead of --step-ms)")
+    q.add_argument("--processes", type=int, metavar="K",
+                   help="K processes at once (with --speedup; default: one)")
+    q.add_argument("--speedup", type=float, metavar="X",
+                   help="the K processes train X times one process's images per second "
+                        "(measured; at most K)")
+    q.add_argument("--session-minutes", type=float, metavar="M",
+                   help="count the sessions of M minutes of training the work takes, for a GPU "
+                        "held for a limited time (a cloud spot instance, a time-limited notebook)")
+    q.add_argument("--pack-cost", type=float, default=1.0, metavar="C",
+                   help="a pack's step in solo steps (1: as cheap as one run's; measure it with "
+                        "`bench.py pack`)")
+    q.add_argument("--models-dir", metavar="DIR",
+                   help="the repository whose models/ says what is finished (default: this "
+                        "folder)")
+    q.set_defaults(run=bench_plan, check=check_plan_arguments)
 
 
 # ---------------------------------------------------------------- bench.py pack (JAX)
@@ -730,7 +858,7 @@ def pack_rate(norm, batch_size, workers, k, variant, x, y, steps, calls):
     steps = min(steps, cifar10.steps_per_epoch(len(y), step))
     models, seeds = [], list(range(1, k + 1))
     for seed in seeds:
-        cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, seed=seed,
+        cfg = recipe.Config(norm=norm, batch_size=batch_size, workers=workers, seed=seed,
                            bfloat16=bf16)
         keras.utils.set_random_seed(seed)
         models.append(train.build_model(cfg))
@@ -792,16 +920,9 @@ def add_run_arguments(t, batch_sizes, workers):
 
 
 def check_run_arguments(parser, args):
-    import train
     if args.quick:
         args.batch_sizes, args.repeats = [32, 2], 2
-    for name in ("repeats", "images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("workers", "batch_sizes"):
-        if min(getattr(args, name)) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive integers, "
-                         f"got {getattr(args, name)}")
+    recipe.require_positive(parser, args, ("repeats", "images", "workers", "batch_sizes"))
     if args.seconds <= 0 or args.warmup < 0:
         parser.error(f"--seconds must be positive and --warmup not negative, "
                      f"got {args.seconds} and {args.warmup}")
@@ -809,30 +930,68 @@ def check_run_arguments(parser, args):
     if args.images < 2 * step:
         parser.error(f"--images {args.images} should hold at least 2 steps of {step} images")
     if args.threads is None:
-        args.threads = train.THREADS
+        args.threads = recipe.THREADS
     if args.threads < 0:
         parser.error(f"--threads must be 0 (one per core) or a positive integer, "
                      f"got {args.threads}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def check_backends_arguments(parser, args):
+    check_run_arguments(parser, args)
+    if len(set(args.backends)) < len(args.backends):
+        parser.error(f"--backends should not repeat a backend, got {args.backends}")
+    allowed = len(os.sched_getaffinity(0))
+    if args.cpus is not None and not 1 <= args.cpus <= allowed:
+        parser.error(f"--cpus should be in 1..{allowed} (the cores this process may use), "
+                     f"got {args.cpus}")
+    for backend in args.backends:
+        python = interpreter(args, backend)
+        if not os.access(python, os.X_OK):
+            parser.error(f"--python-{backend} {python}: not an executable file")
+
+
+def check_layer_arguments(parser, args):
+    recipe.require_positive(parser, args, ("batch_sizes", "repeats", "steps"))
+
+
+def check_loop_arguments(parser, args):
+    recipe.require_positive(parser, args, ("batch_sizes", "workers", "images"))
+    args.precisions = [p == "mixed" for p in args.precisions]   # loop_rate's `mixed`
+
+
+def check_pack_arguments(parser, args):
+    recipe.require_positive(parser, args, ("workers", "pack", "steps", "calls", "images",
+                                           "batch_sizes"))
+    if args.images < max(args.batch_sizes) * args.workers:
+        parser.error(f"--images {args.images} should hold a step of "
+                     f"{max(args.batch_sizes) * args.workers} images")
+    if args.xla_flags:
+        from gnrepro import backends
+        if keras.backend.backend() == "jax" and backends._jax_started():
+            parser.error("--xla-flags: JAX has started in this process already")
+        backends._add_xla_flags(*args.xla_flags.split())
+
+
+def add_layer_parser(sub):
     p = sub.add_parser("layer", help="GroupNorm layers vs BatchNorm, forward + backward")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32, 128])
     p.add_argument("--repeats", type=int, default=7, help="interleaved repeats (median)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
-    p.set_defaults(run=bench_layer)
+    p.set_defaults(run=bench_layer, check=check_layer_arguments)
+
+
+def add_train_parser(sub):
     t = sub.add_parser("train", help="ResNet-20 training throughput, ours vs plain Keras, "
                                      "on the backend of KERAS_BACKEND")
     add_run_arguments(t, [32, 16, 8, 4, 2], [1])
-    t.add_argument("--jit-compile", action="store_true",
-                   help="ours with XLA (train.py --jit-compile; TensorFlow only)")
     t.add_argument("--mixed-precision", action="store_true",
                    help="ours in mixed_float16 (train.py --mixed-precision)")
     # bench.py backends' worker process (see serve), not for people:
     t.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    t.set_defaults(run=bench_train)
+    t.set_defaults(run=bench_train, check=check_run_arguments)
+
+
+def add_backends_parser(sub):
     b = sub.add_parser("backends", help="ours on TensorFlow and JAX (and torch), one worker "
                                         "process each, interleaved, side by side")
     add_run_arguments(b, [32, 2], [1, 8])
@@ -849,7 +1008,10 @@ def main(argv=None):
                                "has no TensorFlow)" if name == "tensorflow" else
                                ".venv-backends/bin/python beside bench.py if it exists, "
                                "else this one)"))
-    b.set_defaults(run=bench_backends, jit_compile=False, mixed_precision=False)
+    b.set_defaults(run=bench_backends, check=check_backends_arguments, mixed_precision=False)
+
+
+def add_loop_parser(sub):
     s = sub.add_parser("loop", help="JAX: training img/s of the scan loop (train.py --loop scan) "
                                     "and of fit, as a GPU runs the sweep")
     s.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
@@ -858,7 +1020,10 @@ def main(argv=None):
     s.add_argument("--loops", nargs="+", choices=("scan", "fit"), default=["scan"])
     s.add_argument("--precisions", nargs="+", choices=("float32", "mixed"), default=["float32"])
     s.add_argument("--images", type=int, default=8192, help="synthetic training images")
-    s.set_defaults(run=bench_loop)
+    s.set_defaults(run=bench_loop, check=check_loop_arguments)
+
+
+def add_pack_parser(sub):
     k = sub.add_parser("pack", help="JAX: a pack of K seeds in one compiled program against one "
                                     "run alone, img/s and ms a step, per step-cost variant")
     k.add_argument("--norms", nargs="+", choices=("bn", "gn"), default=["bn", "gn"])
@@ -872,53 +1037,20 @@ def main(argv=None):
     k.add_argument("--images", type=int, default=8192, help="synthetic training images")
     k.add_argument("--xla-flags", help="added to XLA_FLAGS before JAX starts, e.g. "
                                        "'--xla_gpu_enable_command_buffer=+WHILE'")
-    k.set_defaults(run=bench_pack)
-    q = sub.add_parser("plan", help="GPU minutes and loans of the paper-scale work left, at the "
-                                    "speeds last measured on the H200 (no measurement)")
-    q.add_argument("--pack-cost", type=float, default=1.0,
-                   help="a pack's step in solo steps (1: as cheap as one run's; to be measured)")
-    q.add_argument("--step-ms", type=float,
-                   help="a step of 16 images in this many ms, every step saving the same launch "
-                        "time (a target; measured: 2.5)")
-    q.add_argument("--models-dir", help="the repository whose models/ says what is finished "
-                                        "(default: this folder)")
-    q.set_defaults(run=bench_plan)
-    args = parser.parse_args(argv)
-    if args.command == "plan":
-        if args.pack_cost <= 0 or (args.step_ms is not None and args.step_ms <= 0):
-            parser.error(f"--pack-cost and --step-ms must be positive, got {args.pack_cost} and "
-                         f"{args.step_ms}")
-    if args.command == "pack":
-        for name in ("workers", "pack", "steps", "calls", "images"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-        if min(args.batch_sizes) < 1:
-            parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
-        if args.images < max(args.batch_sizes) * args.workers:
-            parser.error(f"--images {args.images} should hold a step of "
-                         f"{max(args.batch_sizes) * args.workers} images")
-        if args.xla_flags:
-            from gnrepro import backends
-            if keras.backend.backend() == "jax" and backends._jax_started():
-                parser.error("--xla-flags: JAX has started in this process already")
-            backends._add_xla_flags(*args.xla_flags.split())
-    if args.command == "loop":
-        args.precisions = [p == "mixed" for p in args.precisions]
-    if args.command in ("train", "backends"):
-        check_run_arguments(parser, args)
-    if args.command == "backends":
-        if len(set(args.backends)) < len(args.backends):
-            parser.error(f"--backends should not repeat a backend, got {args.backends}")
-        allowed = len(os.sched_getaffinity(0))
-        if args.cpus is not None and not 1 <= args.cpus <= allowed:
-            parser.error(f"--cpus should be in 1..{allowed} (the cores this process may use), "
-                         f"got {args.cpus}")
-        for backend in args.backends:
-            python = interpreter(args, backend)
-            if not os.access(python, os.X_OK):
-                parser.error(f"--python-{backend} {python}: not an executable file")
-    if args.command == "train" and args.serve:
-        return serve(args)
+    k.set_defaults(run=bench_pack, check=check_pack_arguments)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_layer_parser, add_train_parser, add_backends_parser, add_loop_parser,
+                add_pack_parser, add_plan_parser):
+        add(sub)
+    return parser
+
+
+def print_header(args):
+    """The first line of every table: what it ran on (the backends' parent runs none)."""
     if args.command == "backends":
         print(f"bench.py backends: python={sys.version.split()[0]} cpus={os.cpu_count()} "
               f"load average={os.getloadavg()[0]:.2f}", flush=True)
@@ -926,6 +1058,15 @@ def main(argv=None):
         print(f"backend={keras.backend.backend()} keras={keras.__version__} "
               f"python={sys.version.split()[0]} cpus={os.cpu_count()} "
               f"load average={os.getloadavg()[0]:.2f}", flush=True)
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    args.check(parser, args)
+    if args.command == "train" and args.serve:
+        return serve(args)
+    print_header(args)
     args.run(args)
     print(f"load average at the end={os.getloadavg()[0]:.2f}")
 

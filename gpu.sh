@@ -1,59 +1,46 @@
 #!/usr/bin/env bash
-# The paper-scale sweep on a borrowed GPU machine that has JAX but no TensorFlow or Keras
-# (the `device` tool of this workplace; any such machine will do).
+# The sweep's next runs on one GPU machine that you hold for a limited time (a cloud spot
+# instance, a time-limited notebook, an interactive allocation): train until SECONDS from now,
+# stop every run cleanly with a checkpoint, and pack what they wrote, to bring back and resume
+# from next time. Runs on Keras' JAX backend (no TensorFlow needed).
 #
-#   bash gpu.sh prepare [../shared/data]   # here: fill .gpu/ (wheels, the JPEG copy's npz)
-#   TRAIN_GIT_COMMIT=$(git rev-parse HEAD) bash gpu.sh SECONDS [TASK ...]   # there, one call
-#                 # default tasks: the default grid's entries without a run record in models/
+#   TRAIN_GIT_COMMIT=$(git rev-parse HEAD) bash gpu.sh SECONDS [TASK ...]   # on the GPU machine
+#                 # default tasks: the default grid's entries without a finished model in models/
 #   PROFILE=norms ... bash gpu.sh SECONDS   # another profile's grid (models/norms/, ...)
 #   SEEDS="4 5" ... bash gpu.sh SECONDS     # the grid with other seeds (train.py --seeds)
 #   PACK=0 ... bash gpu.sh SECONDS          # every run in a process of its own (no packs)
-#   bash gpu.sh unpack FOLDER               # here, after the call: its runs.tgz.part-* into
-#                                           #   models/ and logs/, then commit them (README)
+#   DATA_DIR=/scratch/cifar ... bash gpu.sh SECONDS   # CIFAR-10's folder (default: $CIFAR10_DIR,
+#                                           #   else the Keras cache, as train.py looks)
+#   bash gpu.sh unpack FOLDER               # back home, after the call: its runs.tgz.part-* into
+#                                           #   models/ and logs/, then commit them (docs/gpu.md)
 #
-# 1. installs the wheels carried in .gpu/wheels/ (keras, optree, namex) into .gpu/site/
-#    where Keras is missing;
-# 2. writes CIFAR-10 (the JPEG copy's .gpu/cifar10-jpeg.npz, in the official folder layout)
-#    into .gpu/data/, in the background;
-# 3. first call only (no .gpu/bench.txt yet): bench.py pack, at most BENCH_SECONDS: a pack
+# Needs python3 with keras and jax (with its CUDA plugin: requirements-jax.txt, jax[cuda12]).
+# 1. first call only (no .gpu/bench.txt yet): bench.py pack, at most BENCH_SECONDS: a pack
 #    of 3 against one run at N = 2, W = 8, the scan unrolled 4 steps or not, without and
 #    with command buffers (CB_FLAGS); the cheapest pack step sets --unroll and XLA_FLAGS
 #    (UNROLL=k, CB=0/1 override it; a bench.txt with `bench.py loop` rows of fit faster
 #    than scan at N = 2 makes the sweep train on fit);
-# 4. trains the tasks as packs (the seeds of a configuration in one process, train.py
+# 2. trains the tasks as packs (the seeds of a configuration in one process, train.py
 #    --pack: one compiled program; sweep.queue), JOBS processes at a time (under CUDA MPS
 #    where the machine has it), the longest first (N = 2 takes 16 times the steps of
 #    N = 32), each with its own share of GPU memory; SECONDS after the start (less a margin
 #    to pack) every run still going gets SIGUSR1, checkpoints and exits;
-# 5. packs models/ (records, models, checkpoints) and logs/ into $OUT/runs.tgz.part-*
-#    (15 MB each), with the console log $OUT/gpu.log.
+# 3. packs models/ (records, models, checkpoints) and logs/ into $OUT/runs.tgz.part-*
+#    (15 MB each, default OUT .gpu/out), with the console log $OUT/gpu.log.
 # Calling it again on the same machine resumes the unfinished runs from their checkpoints; so
 # does a call on a fresh machine with the checkpoints committed (models/checkpoints/, see
-# `unpack`): no run a loan started is lost. SIGUSR1 or SIGTERM to gpu.sh: the deadline is now.
+# `unpack`): no run a call started is lost. SIGUSR1 or SIGTERM to gpu.sh: the deadline is now.
 # TRAIN_ARGS="--epochs 1 --train-images 500" adds arguments to every train.py (a rehearsal).
+# DATA_DIR that does not exist yet is waited for (data still being copied in).
 #
 # TRAIN_GIT_COMMIT names the commit in the run records (the copy there may lack .git).
 # A later call that carries .gpu again skips the benchmark if .gpu/bench.txt is there.
 set -uo pipefail
 cd "$(dirname "$0")" || exit 2
 
-if [[ ${1:-} == prepare ]]; then
-    # Here, before the GPU's clock starts: what the call carries, in a git-ignored .gpu/.
-    shared=${2:-../shared/data}
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
-    mkdir -p .gpu/wheels
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-        --platform manylinux_2_17_x86_64 -d .gpu/wheels keras==3.15.1 optree==0.20.0 namex || exit 1
-    cp "$shared/cifar10-jpeg.npz" "$shared/cifar10_jpeg.py" .gpu/ || exit 1
-    du -sh .gpu
-    echo "gpu.sh prepare: done; carry .gpu and run: TRAIN_GIT_COMMIT=\$(git rev-parse HEAD) bash gpu.sh SECONDS"
-    exit 0
-fi
-
 if [[ ${1:-} == unpack ]]; then
     # Here, after a call: what it packed, into models/ and logs/. A finished run's checkpoint
-    # (committed by an earlier loan) goes; an unfinished one's is the newer, to be committed.
+    # (committed after an earlier call) goes; an unfinished one's is the newer, to be committed.
     from=${2:?usage: bash gpu.sh unpack FOLDER  (the folder with runs.tgz.part-*)}
     compgen -G "$from/runs.tgz.part-*" >/dev/null || { echo "gpu.sh unpack: no $from/runs.tgz.part-*"; exit 2; }
     cat "$from"/runs.tgz.part-* | tar xzf - models logs || exit 1
@@ -70,7 +57,7 @@ if [[ ${1:-} == unpack ]]; then
     exit 0
 fi
 
-budget=${1:?usage: bash gpu.sh SECONDS [TASK ...]  |  bash gpu.sh prepare [SHARED_DATA_DIR]  |  bash gpu.sh unpack FOLDER}
+budget=${1:?usage: bash gpu.sh SECONDS [TASK ...]  |  bash gpu.sh unpack FOLDER}
 shift
 JOBS=${JOBS:-4}
 BENCH_SECONDS=${BENCH_SECONDS:-120}
@@ -85,33 +72,22 @@ echo "gpu.sh: $(date '+%F %T'), budget ${budget}s, $JOBS processes at a time"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
-if ! python3 -c 'import keras' 2>/dev/null; then
-    [[ -d .gpu/site/keras ]] ||
-        python3 -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/wheels/*.whl ||
-        exit 1
-    export PYTHONPATH=$PWD/.gpu/site
-fi
-python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "keras", keras.__version__)' || exit 1
+python3 -c 'import jax, keras; print("jax", jax.__version__, jax.devices(), "keras", keras.__version__)' ||
+    { echo "gpu.sh: python3 needs keras and jax (pip install -r requirements-jax.txt, with jax[cuda12])"; exit 1; }
+DATA_DIR=${DATA_DIR:-${CIFAR10_DIR:-}}
 
-# Default: the grid entries with no run record in the profile's models folder (the committed
+# Default: the grid entries with no finished model in the profile's models folder (the committed
 # paper-scale runs), less those another profile provides (its queue has them); as packs
 # (PACK=1, the default) or alone, the longest first.
 PROFILE=${PROFILE:-default}
 grid=(--profile "$PROFILE" ${SEEDS:+--seeds "$SEEDS"})   # the same for --grid and every --task
 # One line per process, the longest first: TASK SEEDS NAME... (sweep.print_queue: the
-# given tasks, else the grid's entries without a run record in the profile's models folder).
+# given tasks, else the grid's entries without a finished model in the profile's models folder).
 lines=$(python3 -c "import sys; from gnrepro import sweep; sweep.print_queue(*sys.argv[1:])" "$PROFILE" \
     "${SEEDS:-}" "$*" "${PACK:-1}" pending) || exit 2
 echo "gpu.sh: profile $PROFILE, $(awk 'NF' <<<"$lines" | wc -l) processes queued"
 mapfile -t queue < <(awk 'NF' <<<"$lines")
 for line in "${queue[@]}"; do echo "gpu.sh: queued ${line#* * }"; done
-
-data_pid=""
-if [[ ! -d .gpu/data/cifar-10-batches-py ]]; then
-    python3 .gpu/cifar10_jpeg.py .gpu/data.tmp >.gpu/console/data.txt 2>&1 &&
-        mv .gpu/data.tmp .gpu/data &
-    data_pid=$!
-fi
 
 loop=scan
 CB_FLAGS=${CB_FLAGS:---xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE}
@@ -144,8 +120,12 @@ scan=$(awk '$1 == "scan" && $2 == "gn" && $3 == 2 && $5 == "float32" {print $6}'
 if [[ -n $fit && -n $scan ]] && ((fit > scan)); then loop=fit; fi
 echo "gpu.sh: sweep loop $loop (gn N=2 img/s: fit ${fit:-?}, scan ${scan:-?}); $(elapsed)s elapsed"
 
-[[ -n $data_pid ]] && wait "$data_pid"
-[[ -d .gpu/data/cifar-10-batches-py ]] || { echo "gpu.sh: no data (.gpu/console/data.txt)"; exit 1; }
+data=()
+if [[ -n $DATA_DIR ]]; then
+    until [[ -d $DATA_DIR/cifar-10-batches-py || -f $DATA_DIR/cifar-10-python.tar.gz ]] ||
+        ((SECONDS >= budget - PACK_SECONDS)); do sleep 1; done
+    data=(--data-dir "$DATA_DIR")
+fi
 
 # Several processes at once: under CUDA MPS their kernels run side by side (without it they
 # take turns on the GPU); checked with a tiny JAX program before the runs rely on it.
@@ -188,7 +168,7 @@ while ((${#queue[@]} || ${#pids[@]})); do
         [[ $seeds == - ]] || args+=(--seeds "${seeds//,/ }" --pack)   # after grid's --seeds
         # shellcheck disable=SC2086  # TRAIN_ARGS: extra train.py arguments, word-split
         XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction python3 train.py "${args[@]}" \
-            --loop "$loop" --unroll "$unroll" --data-dir .gpu/data ${TRAIN_ARGS:-} \
+            --loop "$loop" --unroll "$unroll" "${data[@]}" ${TRAIN_ARGS:-} \
             >>".gpu/console/$t.txt" 2>&1 &
         pids[$t]=$!
         echo "gpu.sh: $t started (pid $!) at $(elapsed)s"

@@ -8,6 +8,7 @@ workers that each normalize their own N images).
     x = GroupNormalization(groups=1)(x)          # LayerNorm over (H, W, C)
     x = GroupNormalization(groups=-1)(x)         # InstanceNorm: one channel per group
     x = WorkerBatchNormalization(workers=8)(x)   # BN statistics per eighth of the batch
+                                                 # (moving averages: the first eighth's)
 
 Written with `keras.ops` only, so it runs under the TensorFlow, JAX and PyTorch
 backends. For each sample and each group of C/G channels it takes the mean and the
@@ -238,6 +239,9 @@ class GroupNormalization(keras.layers.Layer):
                 "gamma_constraint": constraints.serialize(self.gamma_constraint)}
 
 
+MOVING_STATISTICS = ("first", "mean")   # WorkerBatchNormalization's rules, the default first
+
+
 # Registered as train>WorkerBatchNormalization, the name that models saved when it lived in
 # train.py carry, so that they still load.
 @keras.saving.register_keras_serializable(package="train")
@@ -246,28 +250,41 @@ class WorkerBatchNormalization(keras.layers.BatchNormalization):
     BN: each of its 8 GPUs normalizes its own N images).
 
     Training: the batch is cut into `workers` equal consecutive slices, each normalized with
-    its own mean and variance; the moving mean and variance are updated (with `momentum`)
-    from the mean over the slices of the per-slice mean and (biased, as Keras' BN) variance,
-    i.e. the average of what the workers' own moving averages would be. The update is linear
-    in the statistics, so on K devices, each holding W / K slices, the cross-replica mean of
-    the K updates is the same update. Inference: BatchNormalization, moving statistics.
+    its own mean and variance. The moving mean and variance (inference's statistics) are
+    updated with `momentum` from the (biased, as Keras' BN) statistics of
+    - moving_statistics="first" (the default): the first worker's slice alone, as the paper's
+      code keeps them (tensorpack registers BN's moving averages in the first training
+      tower only) and as unsynchronized multi-GPU BN does (each GPU its own average,
+      evaluation one of them): an update sees N images;
+    - moving_statistics="mean": the mean over the slices of the per-slice statistics, the
+      average of what the workers' own moving averages would be (W * N images an update,
+      less noisy by about sqrt(W); this layer's rule before it had a choice).
+    On K devices (MirroredStrategy), each holding W / K slices: "first" keeps the first
+    replica's update (its first slice is the batch's first), "mean" the mean of the K
+    replicas' updates, which is the same update as on one device. Inference:
+    BatchNormalization with the moving statistics, whatever the rule.
     """
 
-    def __init__(self, workers, **kwargs):
+    def __init__(self, workers, moving_statistics="first", **kwargs):
         if kwargs.get("axis", -1) != -1:
             raise ValueError(f"WorkerBatchNormalization normalizes the last axis (channels last), "
                              f"got axis={kwargs['axis']!r}")
+        if moving_statistics not in MOVING_STATISTICS:
+            raise ValueError(f"moving_statistics should be one of {MOVING_STATISTICS} (the first "
+                             f"worker's statistics, or their mean over the workers), got "
+                             f"{moving_statistics!r}")
         super().__init__(**kwargs)
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers should be a positive integer (1 = BatchNorm over the "
                              f"whole batch), got {workers!r}")
-        self.workers = workers
+        self.workers, self.moving_statistics = workers, moving_statistics
 
     def add_weight(self, *args, **kwargs):
         # Keras' BN leaves aggregation "none": under MirroredStrategy the moving statistics
-        # would then keep one replica's update and drop the others' slices; "mean" averages them.
+        # would then keep one replica's update and drop the others'; say which to keep.
         if not kwargs.get("trainable", True):
-            kwargs["aggregation"] = "mean"
+            kwargs["aggregation"] = ("only_first_replica" if self.moving_statistics == "first"
+                                     else "mean")
         return super().add_weight(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
@@ -294,9 +311,11 @@ class WorkerBatchNormalization(keras.layers.BatchNormalization):
             shift = shift + ops.cast(self.beta, x.dtype)
         y = slices * inv + shift
         for moving, stat in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            stat = ops.mean(ops.reshape(stat, (self.workers, -1)), axis=0)
+            stat = ops.reshape(stat, (self.workers, -1))
+            stat = stat[0] if self.moving_statistics == "first" else ops.mean(stat, axis=0)
             moving.assign(moving * self.momentum + stat * (1.0 - self.momentum))
         return ops.cast(ops.reshape(y, ops.shape(x)), self.compute_dtype)
 
     def get_config(self):
-        return {**super().get_config(), "workers": self.workers}
+        return {**super().get_config(), "workers": self.workers,
+                "moving_statistics": self.moving_statistics}

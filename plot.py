@@ -4,11 +4,11 @@ figures of the paper's other studies.
     python plot.py [--results results.csv] [--out plot.png] [--metric median_last5_error]
                    [--label TEXT]
     python plot.py --curves [--models-dir models] [--out curves.png] [--label TEXT]
-    python plot.py --study norms --results results-norms.csv --out plot-norms.png
+    python plot.py --study norms --results results/norms/results.csv --out results/norms/plot.png
                                               # Figure 4 (curves) and Table 1, a line per norm
-    python plot.py --study groups --results results-groups.csv --out plot-groups.png
+    python plot.py --study groups --results results/groups/results.csv --out results/groups/plot.png
                                               # Table 3: error against G and against C / G
-    python plot.py --study workers --results results-workers.csv --out plot-workers.png
+    python plot.py --study workers --results results/workers/results.csv --out results/workers/plot.png
                                               # BN against N: W fixed, or the step fixed
 
 The first form writes plot.png: error (%) against the batch size per worker
@@ -36,6 +36,7 @@ atomically (runfiles.atomic_write: a temporary file in the same folder, then a r
 """
 import argparse
 import json
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -58,6 +59,7 @@ OPTIONAL_NUMBERS = ["groups", "channels_per_group"]   # may be blank (in: no fix
 METRICS = {"median_last5_error": "median test error of the final 5 epochs",
            "test_error": "test error of the final model"}
 BATCH_SIZES = [32, 16, 8, 4, 2]  # the paper's x axis, images per worker
+RULES = {"first": "first worker's", "mean": "mean over workers"}   # BN's moving statistics
 STYLE = {"bn": dict(color="#1f5fa8", marker="o", name="BN"),
          "gn": dict(color="#c0282d", marker="s", name="GN")}
 
@@ -104,6 +106,9 @@ def check_values(df, path):
     """Convert the numeric columns; name the first bad cell by column and line."""
     if "channels_per_group" not in df.columns:   # results.csv before the groups study
         df["channels_per_group"] = ""
+    if "moving_statistics" not in df.columns:    # before BN's rule could be chosen: the mean
+        df["moving_statistics"] = np.where((df["norm"].str.strip().str.lower() == "bn")
+                                           & (df["workers"].astype(str) != "1"), "mean", "")
     for col in dict.fromkeys(NUMERIC_COLUMNS + OPTIONAL_NUMBERS
                              + [c for c in METRICS if c in df.columns]):
         values = pd.to_numeric(df[col], errors="coerce")
@@ -135,6 +140,9 @@ def series_labels(df):
             text += f" (G={int(row.groups)})"
         if df["workers"].nunique() > 1:
             text += f", {int(row.workers)} worker{'s' if row.workers > 1 else ''}"
+        if ("moving_statistics" in df.columns
+                and df.loc[df.norm == row.norm, "moving_statistics"].nunique() > 1):
+            text += f", moving statistics: {RULES.get(row.moving_statistics, 'n/a')}"
         return text
     return [label(row) for row in df.itertuples()]
 
@@ -433,13 +441,12 @@ STYLE |= {"ln": dict(color="#2e8b57", marker="^", name="LN"),
 
 
 def summary(values):
-    """'54.05' for one value, '54.05 \u00b1 0.80' (std) for 3+, '54.05 (53.1-55.0)' for 2."""
+    """'54.05' for one value; for two or more, the mean, the standard deviation over them and
+    their number: '54.05 \u00b1 0.80 (n=3)'; '-' for none."""
     x = np.asarray(values, float)
-    if len(x) >= 3:
-        return f"{x.mean():.2f} \u00b1 {x.std(ddof=1):.2f}"
-    if len(x) == 2:
-        return f"{x.mean():.2f} ({x.min():.2f}-{x.max():.2f})"
-    return f"{x.mean():.2f}"
+    if len(x) >= 2:
+        return f"{x.mean():.2f} \u00b1 {x.std(ddof=1):.2f} (n={len(x)})"
+    return f"{x.mean():.2f}" if len(x) else "-"
 
 
 def study_table(df, metric, key, label, reference=None):
@@ -603,6 +610,211 @@ def plot_workers(df, out, metric="median_last5_error", label=None):
     return agg
 
 
+def plot_bnstats(df, out, metric="median_last5_error", label=None):
+    """BN's error against N with its moving statistics from the first worker's images or from
+    the mean over the workers: a line per rule."""
+    df = df.assign(series=[f"BN, moving statistics: {RULES.get(r, r)}"
+                           for r in df["moving_statistics"]])
+    agg = aggregate(df, metric)
+    fig, ax = plt.subplots(figsize=(6.5, 4.3))
+    draw_panel(ax, agg, f"CIFAR-10, ResNet-20, {span(df['workers'].astype(int))} workers",
+               "test error (%)")
+    finish_figure(fig, out, "BN's moving statistics: the first worker's, or the workers' mean",
+                  df, label, metric, f"; {spread_note(agg)}; inference uses the moving "
+                  f"statistics; training normalizes each worker's N images on their own",
+                  top=0.86, per_line=0.05)
+    return agg
+
+
+# ---------------------------------------------------------------- the tables of the docs
+
+REPO = Path(__file__).resolve().parent
+# The earlier reproduction (BeFranke/GroupNorm: ResNet-20 on CIFAR-10, mean of 5 seeds, its
+# README), drawn beside ours in README.md's table.
+BEFRANKE = {"bn": [13.60, 13.60, 13.86, 15.23, 19.70], "gn": [14.05, 14.29, 14.23, 14.03, 14.21]}
+BLOCK = re.compile(r"(<!-- table ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def table_metric(df):
+    """The paper's statistic where the runs are long enough for it (20 epochs or more), else
+    the final error (the sweep's figures choose the same way)."""
+    return "median_last5_error" if df["epochs"].min() >= 20 else "test_error"
+
+
+def by_batch_size(df, metric, sizes=BATCH_SIZES):
+    """One cell per batch size: the metric over seeds (summary), '-' without a run."""
+    return [summary(df.loc[df.batch_size == b, metric]) for b in sizes]
+
+
+def paired_gap(df, metric, sizes=BATCH_SIZES):
+    """BN - GN per batch size: per seed where both ran, then over seeds (summary)."""
+    cells = []
+    for b in sizes:
+        at = df[df.batch_size == b]
+        bn, gn = (at[at.norm == n].set_index("seed")[metric] for n in ("bn", "gn"))
+        both = bn.index.intersection(gn.index)
+        cells.append(summary(bn[both] - gn[both]) if len(both) else "")
+    return cells
+
+
+def row(label, cells):
+    return "| " + " | ".join([label, *map(str, cells)]) + " |"
+
+
+def data_line(df, metric):
+    """What produced a table's numbers, from the results' own columns."""
+    parts = [f"{METRICS[metric]} (%)", provenance(df, unit="cell")]
+    rules = df.loc[(df.norm == "bn") & (df.workers > 1), "moving_statistics"]
+    if len(rules):
+        parts.append("BN's moving statistics: " + ", ".join(
+            f"{RULES.get(r, r)} ({n} run{'s' if n > 1 else ''})"
+            for r, n in rules.value_counts().sort_index().items()))
+    if "evaluated" in df.columns and (df["evaluated"] == "record").any():
+        parts.append(f"{int((df['evaluated'] == 'record').sum())} of {len(df)} rows from the "
+                     f"runs' own records (evaluated=record: their models were not kept)")
+    return "; ".join(parts) + "."
+
+
+def figure1_table(df):
+    """Figure 1 at the paper's scale against the paper's Table 2 and the earlier reproduction."""
+    metric = table_metric(df)
+    workers = span(df["workers"].astype(int))
+    lines = [data_line(df, metric), "",
+             row("images per worker N", BATCH_SIZES), "|---|" + "---:|" * len(BATCH_SIZES)]
+    for norm in ("bn", "gn"):
+        lines.append(row(f"**this reproduction**, {norm.upper()} (ResNet-20, W = {workers})",
+                         by_batch_size(df[df.norm == norm], metric)))
+    lines.append(row("BN \u2212 GN (per seed)", paired_gap(df, metric)))
+    lines += [row(f"Wu & He, Table 2, {n.upper()} (ResNet-50, ImageNet, 8 workers)",
+                  PAPER_IMAGENET[n]) for n in ("bn", "gn")]
+    lines += [row(f"BeFranke/GroupNorm, {n.upper()} (ResNet-20, CIFAR-10, mean of 5 seeds)",
+                  [f"{v:.2f}" for v in BEFRANKE[n]]) for n in ("bn", "gn")]
+    return "\n".join(lines)
+
+
+def quick_table(df):
+    """The quick profile's Figure 1: BN and GN against N, and their gap per seed."""
+    metric = table_metric(df)
+    workers = span(df["workers"].astype(int))
+    lines = [data_line(df, metric), "",
+             row(f"images per worker N (W = {workers})", BATCH_SIZES),
+             "|---|" + "---:|" * len(BATCH_SIZES)]
+    lines += [row(n.upper(), by_batch_size(df[df.norm == n], metric)) for n in ("bn", "gn")]
+    lines.append(row("BN \u2212 GN (per seed)", paired_gap(df, metric)))
+    return "\n".join(lines)
+
+
+def control_table(df):
+    """The control's runs: the final error and the median of the final 5 epochs."""
+    lines = [data_line(df, "test_error"), "",
+             "| run | seeds | final test error | median of the final 5 epochs |", "|---|---:|---:|---:|"]
+    for (norm, n, w), g in df.groupby(["norm", "batch_size", "workers"], sort=False):
+        lines.append(row(f"{norm.upper()}, W = {int(w)} workers of N = {int(n)}",
+                         [len(g), summary(g["test_error"]), summary(g["median_last5_error"])]))
+    return "\n".join(lines)
+
+
+def norms_markdown(df):
+    metric = table_metric(df)
+    return data_line(df, metric) + "\n\n" + markdown(
+        norms_table(df, metric), ["norm", "seeds", "error", "difference", "paper (ImageNet)"])
+
+
+def groups_markdown(name):
+    def table(df):
+        metric = table_metric(df)
+        return data_line(df, metric) + "\n\n" + markdown(
+            groups_tables(df, metric)[name], [name, "seeds", "error", "difference",
+                                              "paper (ImageNet)"])
+    return table
+
+
+def workers_table(df):
+    """The workers study: BN against N, W fixed (Figure 1's arm) or the step fixed."""
+    metric = table_metric(df)
+    arms = workers_arms(df)
+    lines = [data_line(df, metric), "", row("images per worker N", BATCH_SIZES),
+             "|---|" + "---:|" * len(BATCH_SIZES)]
+    lines += [row(arm, by_batch_size(g, metric)) for arm, g in arms.groupby("series", sort=False)]
+    return "\n".join(lines)
+
+
+def bnstats_table(df):
+    """BN's moving statistics: the first worker's against the mean over the workers, per N."""
+    metric = table_metric(df)
+    sizes = sorted(set(df["batch_size"].astype(int)), reverse=True)
+    first, mean = (df[df.moving_statistics == r] for r in ("first", "mean"))
+    lines = [data_line(df, metric), "", row("images per worker N (W = 8)", sizes),
+             "|---|" + "---:|" * len(sizes),
+             row("moving statistics of the first worker (the paper's code; default)",
+                 by_batch_size(first, metric, sizes)),
+             row("moving statistics, mean over the 8 workers", by_batch_size(mean, metric, sizes))]
+    gaps = []
+    for b in sizes:
+        a, m = (x[x.batch_size == b].set_index("seed")[metric] for x in (first, mean))
+        both = a.index.intersection(m.index)
+        gaps.append(summary(m[both] - a[both]) if len(both) else "")
+    lines.append(row("mean \u2212 first (per seed)", gaps))
+    return "\n".join(lines)
+
+
+# name: (the results file, relative to the repository; the table's markdown from its rows)
+TABLES = {
+    "figure1": ("results.csv", figure1_table),
+    "quick": ("results/quick/results.csv", quick_table),
+    "he-quick": ("results/he-quick/results.csv", control_table),
+    "norms-quick": ("results/norms-quick/results.csv", norms_markdown),
+    "groups-quick-groups": ("results/groups-quick/results.csv", groups_markdown("groups G")),
+    "groups-quick-channels": ("results/groups-quick/results.csv",
+                              groups_markdown("channels per group")),
+    "workers-quick": ("results/workers-quick/results.csv", workers_table),
+    "bnstats-quick": ("results/bnstats-quick/results.csv", bnstats_table),
+}
+
+
+def table_text(name, root=REPO):
+    """The markdown of table `name` (TABLES) from its results file, as the docs hold it."""
+    if name not in TABLES:
+        raise ResultsError(f"no table {name!r}: one of {', '.join(TABLES)}")
+    path, make = TABLES[name]
+    if not (Path(root) / path).is_file():
+        return f"_No results yet: `{path}` does not exist._"
+    return make(read_results(Path(root) / path, "test_error"))
+
+
+def update_tables(root=REPO, check=False):
+    """Rewrite every `<!-- table NAME -->...<!-- /table -->` block of README.md and docs/*.md
+    with the table made from its results file; check: write nothing, return the files and
+    tables that differ. Returns [(file, table name)] of the blocks that changed (or would)."""
+    root = Path(root)
+    changed = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        if not doc.exists():
+            continue
+        text = doc.read_text()
+
+        def fill(m):
+            body = "\n" + table_text(m.group(2), root) + "\n\n"
+            if body != m.group(3):
+                changed.append((str(doc.relative_to(root)), m.group(2)))
+            return m.group(1) + body + m.group(4)
+        new = BLOCK.sub(fill, text)
+        if new != text and not check:
+            runfiles.atomic_write(doc, lambda tmp: tmp.write_text(new))
+    return changed
+
+
+def tables_main(args):
+    changed = update_tables(check=args.check)
+    if args.check:
+        for doc, name in changed:
+            print(f"plot.py: {doc}: table {name} is not what its results file gives; run "
+                  f"python plot.py --tables", file=sys.stderr)
+        return 1 if changed else 0
+    print(f"rewrote {len(changed)} table(s)" + "".join(f"\n  {d}: {n}" for d, n in changed))
+    return 0
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
@@ -617,7 +829,13 @@ def parse_args(argv=None):
     p.add_argument("--models-dir",
                    help="run records for --curves (default: models) and --study norms (default: "
                         "beside the results' models)")
-    p.add_argument("--study", choices=("figure1", "norms", "groups", "workers"), default="figure1",
+    p.add_argument("--tables", action="store_true",
+                   help="rewrite the results tables of README.md and docs/*.md (the blocks "
+                        "<!-- table NAME --> ... <!-- /table -->) from the results files")
+    p.add_argument("--check", action="store_true",
+                   help="with --tables: write nothing; exit 1 naming each table that differs")
+    p.add_argument("--study", choices=("figure1", "norms", "groups", "workers", "bnstats"),
+                   default="figure1",
                    help="which figure: Figure 1 (default); norms: Figure 4 and Table 1; groups: "
                         "Table 3; workers: error against N, a line per W (train.py --profile)")
     return p.parse_args(argv)
@@ -626,6 +844,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.tables:
+            return tables_main(args)
         if args.curves:
             out = args.out or "curves.png"
             plot_curves(read_records(args.models_dir or "models"), out, args.label)
@@ -641,6 +861,8 @@ def main(argv=None):
                 for name, table in plot_groups(df, out, args.metric, args.label).items():
                     print(markdown(table, [name, "seeds", "error", "difference",
                                            "paper (ImageNet)"]) + "\n")
+            elif args.study == "bnstats":
+                plot_bnstats(df, out, args.metric, args.label)
             elif args.study == "workers":
                 plot_workers(df, out, args.metric, args.label)
             else:

@@ -1,10 +1,10 @@
 """Evaluate every trained model under models/ on the CIFAR-10 test set into results.csv.
 
     python reproduce.py [--models-dir models] [--out results.csv] [--data-dir DIR]
-    python reproduce.py --profile norms [--out results-norms.csv]   # a profile's runs
+    python reproduce.py --profile norms [--out results/norms/results.csv]   # a profile's runs
 
---profile P evaluates P's folder (train.profile_paths: models/P/) and the runs P shares with
-another profile, where that one keeps them (train.provider: e.g. the norms study's BN and GN
+--profile P evaluates P's folder (recipe.profile_paths: models/P/) and the runs P shares with
+another profile, where that one keeps them (recipe.provider: e.g. the norms study's BN and GN
 at N = 32 are Figure 1's, in models/): each configuration is trained once, read by all.
 
 For each models/NAME.keras (models/checkpoints/ is ignored) it reads the run record
@@ -15,9 +15,16 @@ used for its own final evaluation, so the test error is the run's.
 
 results.csv has one row per model, sorted by norm, batch size (descending), seed:
 
-    norm, groups, channels_per_group, batch_size, workers, seed, epochs, test_error,
-    test_loss, median_last5_error, params, model,            <- required (errors in %)
+    norm, groups, channels_per_group, batch_size, workers, moving_statistics, seed, epochs,
+    test_error, test_loss, median_last5_error, params, model, evaluated   <- (errors in %)
     train_images, test_images, profile, data_source, data_checksum, git_commit, date
+
+evaluated says where a row's test_error and test_loss come from: "model", this script's
+evaluation of the saved model; or "record", for a finished run whose run record is in the
+folder but whose model is not (it was not kept): the run's own final evaluation, carried from
+its record and never re-evaluated. The command names such runs, and how to train them again.
+moving_statistics is BN's rule at W > 1 (first worker's or the workers' mean; blank for
+other runs); a record from before the rule could be chosen says mean.
 
 norm is bn, gn, ln or in; groups is G where it is the same in every layer (gn; ln: 1),
 channels_per_group is C / G where that is (gn with --channels-per-group; in: 1).
@@ -46,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--models-dir", help="where train.py wrote NAME.keras (default: models)")
     p.add_argument("--profile", choices=list(recipe.PROFILES),
                    help="a profile's runs: its folder (models/P/) and the runs it shares with "
-                        "other profiles, where they keep them (default out: results-P.csv)")
-    p.add_argument("--out", help="the CSV to write (default: results.csv, or results-P.csv)")
+                        "other profiles, where they keep them (default out: results/P/results.csv)")
+    p.add_argument("--out", help="the CSV to write (default: results.csv, or results/P/results.csv)")
     p.add_argument("--data-dir", default=None,
                    help="CIFAR-10 folder, as for train.py (default: train.py's default)")
     args = p.parse_args(argv)
@@ -72,8 +79,9 @@ from gnrepro import cifar10  # noqa: E402
 from gnrepro import runfiles  # noqa: E402
 import train  # noqa: E402
 
-COLUMNS = ["norm", "groups", "channels_per_group", "batch_size", "workers", "seed", "epochs",
-           "test_error", "test_loss", "median_last5_error", "params", "model"]
+COLUMNS = ["norm", "groups", "channels_per_group", "batch_size", "workers", "moving_statistics",
+           "seed", "epochs", "test_error", "test_loss", "median_last5_error", "params", "model",
+           "evaluated"]
 PROVENANCE = ["train_images", "test_images", "profile", "data_source", "data_checksum",
               "git_commit", "date"]
 CONFIG_KEYS = ["norm", "groups", "batch_size", "workers", "seed", "epochs"]
@@ -98,19 +106,19 @@ def find_models(models_dir):
 def shared_models(profile):
     """The models of the runs that profile P shares with other profiles, where they are: the
     final models of every other profile at P's scale whose run is one of P's study (any seed)."""
-    study, scale = train.PROFILES[profile]
-    fields = set(train.Config.__dataclass_fields__)
+    study, scale = recipe.PROFILES[profile]
+    fields = set(recipe.Config.__dataclass_fields__)
     found = []
-    for other, (_, at) in train.PROFILES.items():
+    for other, (_, at) in recipe.PROFILES.items():
         if other == profile or at != scale:
             continue
-        for path in find_models(train.profile_paths(other)["models_dir"]):
+        for path in find_models(recipe.profile_paths(other)["models_dir"]):
             try:
                 run = read_record(path)["config"].get("run") or {}
-                cfg = train.Config(**{k: v for k, v in run.items() if k in fields})
+                cfg = recipe.Config(**{k: v for k, v in run.items() if k in fields})
             except (RunError, TypeError, ValueError):
                 continue   # not a run of this study (or unreadable: its own profile says so)
-            if replace(cfg, profile=profile) in train.grid(profile, [cfg.seed]):
+            if replace(cfg, profile=profile) in recipe.grid(profile, [cfg.seed]):
                 found.append(path)
     return found
 
@@ -148,6 +156,44 @@ def load_model(path):
         raise RunError(f"{path}: cannot load the model ({type(e).__name__}: {e})")
 
 
+def records_without_models(models_dir):
+    """The run records models_dir/NAME.json of finished runs whose model NAME.keras is not
+    there (not kept, or not committed): results.csv can only carry their own evaluation."""
+    found = []
+    for path in sorted(Path(models_dir).glob("*.json")):
+        if path.with_suffix(".keras").exists():
+            continue
+        try:
+            read_record(path.with_suffix(".keras"))
+        except RunError:
+            continue   # not a finished run's record
+        found.append(path)
+    return found
+
+
+def record_row(record_path):
+    """results.csv's row of a run whose model is missing: its record's own final evaluation
+    (the same test set, on the machine that trained it), marked evaluated=record."""
+    model_path = Path(record_path).with_suffix(".keras")
+    record = read_record(model_path)
+    return make_row(record, model_path, record["test_loss"], record["test_error"],
+                    record["params"], evaluated="record")
+
+
+def say_not_evaluated(kept):
+    """What this command cannot regenerate, and why, on stderr."""
+    commands = []
+    for path in kept:
+        run = json.loads(path.read_text())["config"]
+        commands.append(f"  {path.stem}: python train.py --norm {run['norm']} --batch-size "
+                        f"{run['batch_size']} --workers {run['workers']} --seed {run['seed']}")
+    print(f"reproduce.py: note: {len(kept)} run(s) have a run record but no saved model (the "
+          f"model was not kept): their rows come from the runs' own final evaluation, marked "
+          f"evaluated=record, and are not re-evaluated here. To re-evaluate them, train them "
+          f"again (today's recipe; it replaces the record):\n" + "\n".join(commands),
+          file=sys.stderr)
+
+
 def count_params(model):
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
@@ -174,15 +220,18 @@ class DataCache:
         return self.cache[key]
 
 
-def make_row(record, model_path, test_loss, test_error, params):
+def make_row(record, model_path, test_loss, test_error, params, evaluated="model"):
     """One row of results.csv: the required columns, then provenance; numbers rounded to
-    DECIMALS (so 57.49999999999999 is written 57.5)."""
+    DECIMALS (so 57.49999999999999 is written 57.5). evaluated: "model" (this script
+    evaluated the saved model) or "record" (the run's own final evaluation, from its record:
+    the model was not kept)."""
     config, data = record["config"], record.get("data") or {}
     row = {k: config[k] for k in CONFIG_KEYS}
     row.update(groups_of(config))
     row.update(norm=str(config["norm"]).lower(), test_error=float(test_error),
                test_loss=float(test_loss), median_last5_error=median_last5(record["history"]),
-               params=int(params), model=str(model_path))
+               params=int(params), model=str(model_path), evaluated=evaluated,
+               moving_statistics=moving_statistics_of(config))
     row.update({k: round(row[k], d) for k, d in DECIMALS.items()})
     row.update(train_images=data.get("train_images", config.get("train_images")),
                test_images=data.get("test_images", config.get("test_images")),
@@ -203,6 +252,15 @@ def groups_of(config):
     if norm == "gn" and cpg:
         return {"groups": None, "channels_per_group": cpg}
     return {"groups": config["groups"], "channels_per_group": None}
+
+
+def moving_statistics_of(config):
+    """The rule of BN's moving statistics that trained the run (BN with W > 1 only; a record
+    from before the rule could be chosen: the mean over the workers), else blank."""
+    if str(config["norm"]).lower() != "bn" or int(config["workers"]) == 1:
+        return None
+    run = config.get("run")
+    return recipe.stored_config(run).moving_statistics if run else recipe.LEGACY["moving_statistics"]
 
 
 def run_date(record, model_path):
@@ -261,13 +319,17 @@ def main(argv=None, args=None):
     paths = find_models(args.models_dir)
     if args.profile:
         paths += [p for p in shared_models(args.profile) if p not in paths]
-    if not paths:
+    kept = records_without_models(args.models_dir)
+    if not paths and not kept:
         where = "does not exist" if not Path(args.models_dir).is_dir() else "has no models"
         print(f"reproduce.py: {args.models_dir} {where} (NAME.keras). Train some first: "
               f"`python train.py --profile quick` (the whole grid at laptop scale) or "
               f"`python train.py --norm gn --batch-size 32 --seed 1` (one run).", file=sys.stderr)
         return 1
-    cache, rows, bad = DataCache(args.data_dir), [], []
+    rows = [record_row(path) for path in kept]
+    if kept:
+        say_not_evaluated(kept)
+    cache, bad = DataCache(args.data_dir), []
     for i, path in enumerate(paths, 1):
         try:
             rows.append(evaluate_one(path, cache))
@@ -281,7 +343,8 @@ def main(argv=None, args=None):
         keras.backend.clear_session()   # free each model's graph before the next
     if rows:
         write_csv(results_table(rows), args.out)
-        print(f"wrote {args.out}: {len(rows)} model(s)")
+        print(f"wrote {args.out}: {len(rows) - len(kept)} model(s) evaluated"
+              + (f", {len(kept)} run(s) from their records (evaluated=record)" if kept else ""))
     if bad:
         print(f"reproduce.py: {len(bad)} of {len(paths)} model(s) could not be evaluated "
               f"(not in {args.out}):\n" + "\n".join(f"  {p}" for p in bad), file=sys.stderr)

@@ -207,6 +207,13 @@ def distributed(names):
         keras.distribution.set_distribution(previous)
 
 
+def jit_compile():
+    """Keras' jit_compile for the training step. TensorFlow: off. Keras' "auto" would mean XLA
+    on a GPU, which TensorFlow's op determinism (enable_determinism) rules out anyway, and on
+    2 CPU cores XLA made the step slower. JAX: always jitted ("auto"); PyTorch: eager."""
+    return False if name() == "tensorflow" else "auto"
+
+
 def steps_per_execution(wanted, devices):
     """Keras' steps_per_execution, where the backend can do several steps per call (else 1,
     said once per process in a note)."""

@@ -41,6 +41,15 @@ FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILE = "test_batch"
 OFFICIAL_COUNTS = (50000, 10000)  # training, test images
+# md5 of each batch file of the official release, as extracted from the tarball (the reference
+# torchvision checks too): a copy is the official data only if every file matches, so a
+# re-encoded copy (a JPEG round trip, say) with the official counts is not.
+OFFICIAL_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f",
+                "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+                "data_batch_4": "634d18415352ddfa80567beed471001a",
+                "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+                "test_batch": "40351d587109b95175f43aff81a1287e"}
 PAD = 4  # pixels of zero padding before the random 32x32 crop (He et al. 2015, 4.2)
 SIDE = 32  # image side
 CROPS = 2 * PAD + 1  # crop offsets 0..8 along each axis
@@ -267,6 +276,19 @@ def _nhwc(data):
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
+def is_official(folder):
+    """Whether folder (a cifar-10-batches-py/) holds the official release: every batch file's
+    md5 is OFFICIAL_MD5's."""
+    for name, md5 in OFFICIAL_MD5.items():
+        digest = hashlib.md5()
+        with open(Path(folder) / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != md5:
+            return False
+    return True
+
+
 def checksum(*arrays):
     """sha256 hex over the arrays' bytes, in order (provenance of a run's data)."""
     h = hashlib.sha256()
@@ -276,7 +298,7 @@ def checksum(*arrays):
 
 
 def describe(x_train, y_train, x_test, y_test):
-    """What a run record should say about its data: counts, official or not, sha256."""
+    """What a run record should say about its data: counts, sha256."""
     return {"train_images": int(len(x_train)), "test_images": int(len(x_test)),
             "train_per_class": np.bincount(y_train, minlength=10).tolist(),
             "official_counts": (len(x_train), len(x_test)) == OFFICIAL_COUNTS,
@@ -400,7 +422,7 @@ class Data:
     mean: np.ndarray        # per-pixel mean of the training images used (He et al.)
     checksum: str           # sha256 of the whole data set as read, before any subset
     source: str
-    official: bool          # 50,000 + 10,000 images, as the official release
+    official: bool          # the official release, file for file (is_official)
 
     @functools.cached_property
     def padded(self):
@@ -421,7 +443,7 @@ def prepare_data(data_dir=None, train_images=None, test_images=None):
     with warnings.catch_warnings():   # a subset is fine here: the run record says so
         warnings.simplefilter("ignore", SubsetWarning)
         x_train, y_train, x_test, y_test = load(root)
-    official = (len(y_train), len(y_test)) == (50000, 10000)
+    official = is_official(root / FOLDER)
     digest = checksum(x_train, y_train, x_test, y_test)
     if train_images:
         x_train, y_train = balanced_subset(x_train, y_train, train_images)
@@ -462,6 +484,8 @@ def main(argv=None):
         data = load(root, download=False)
         for key, value in describe(*data).items():
             print(f"{key}: {value}")
+        print(f"official: {is_official(locate(root, download=False) / FOLDER)} (every file's md5 "
+              f"that of the official release)")
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
 

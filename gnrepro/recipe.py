@@ -9,48 +9,9 @@ need no backend, and each file stands on the ones below it (train.py and sweep.p
 import argparse
 import math
 import os
-import signal
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-
-class StopOnSignal:
-    """SIGUSR1/SIGTERM (or `signals`) ask the run to stop at the end of the current compiled
-    call (a context manager; `requested` names the signal once one came)."""
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-    def __init__(self, signals=SIGNALS):
-        self.requested, self.signals = None, signals
-
-    def handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-        print(f"received {self.requested}: checkpointing at the end of the current call", flush=True)
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-# What the sweep (sweep.py) stops on: SIGINT too, since its runs have their own process group
-# and Ctrl-C reaches it alone; SIGHUP (the terminal closed), since they would lose their output.
-SWEEP_SIGNALS = StopOnSignal.SIGNALS + (signal.SIGINT, signal.SIGHUP)
-
-
-def exit_with(main, signals=StopOnSignal.SIGNALS):
-    """sys.exit(main()), ignoring `signals` once main has returned (or raised): Python's
-    shutdown restores their default action, and for SIGUSR1/SIGTERM that is death (status
-    138/143), which would hide the status main decided; by then every file is written."""
-    try:
-        code = main()
-    finally:
-        for s in signals:
-            signal.signal(s, signal.SIG_IGN)
-    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------
@@ -92,6 +53,9 @@ WORKERS = 8                       # workers W of the default sweep, the paper's 
 GROUP_COUNTS = (1, 2, 4, 8, 16)        # Table 3, top: G (at most 16, the narrowest width)
 CHANNELS_PER_GROUP = (1, 2, 4, 8, 16)  # Table 3, bottom: C / G fixed in every layer
 
+MOVING_STATISTICS = ("first", "mean")  # BN's moving statistics at W > 1: the first worker's
+                                       #   (the paper's code; the default) or the workers' mean
+
 STEP_IMAGES = 256           # the workers study's fixed step: W * N = 256 images at a rate of 0.1,
                             #   the paper's step at N = 32, W = 8 (0.1 per 256 images)
 
@@ -117,6 +81,10 @@ STUDIES = {
                for g in GROUP_COUNTS]
               + [dict(norm="in", batch_size=32) if c == 1 else
                  dict(norm="gn", batch_size=32, channels_per_group=c) for c in CHANNELS_PER_GROUP],
+    # BN's moving statistics at W = 8: from the first worker's N images (the paper's code) or
+    # the mean over the 8 workers, where N is small enough for it to matter (laptop scale).
+    "bnstats": [dict(norm="bn", batch_size=b, workers=WORKERS, moving_statistics=rule)
+                for b in (4, 2) for rule in MOVING_STATISTICS],
 }
 # A scale: the paper's, or laptop scale (6,000 training images, 12 %, 5 epochs, 2,000 test
 # images, all class-balanced). At laptop scale W = 1 (BN over the whole step, as earlier
@@ -141,10 +109,10 @@ PROFILES = {
     "workers-quick": ("workers", "quick"),      # about 20 minutes
     "groups": ("groups", "paper"),
     "groups-quick": ("groups", "quick"),        # about 14 minutes (G = 8, LN, IN: provided)
+    "bnstats-quick": ("bnstats", "quick"),      # (the first worker's: workers-quick's runs)
 }
 STEP_OPTIONS = {"unroll": 1}   # the scan loop's defaults (backends.ScanLoop; bench.py step): how
                                #   a step runs, not what it computes (train.step_options)
-PREEMPTED = 75              # exit status after a checkpoint on SIGUSR1/SIGTERM (EX_TEMPFAIL)
 # ---------------------------------------------------------------------------
 
 
@@ -159,13 +127,15 @@ class Config:
     train_images: int | None = None   # class-balanced subset of the training set; None = all
     test_images: int | None = None    # class-balanced subset of the test set; None = all
     profile: str = "default"
-    jit_compile: bool = False         # XLA (GPU option; Keras' "auto" would turn it on there)
     mixed_precision: bool = False     # mixed_float16 (GPU option; GN and BN keep float32 stats)
     channels_per_group: int | None = None   # GN: C / G fixed in every layer instead of G
     learning_rate: float | None = None      # a fixed rate instead of 0.1 * N / 32 (None: the rule)
     schedule: str = "paper"           # SCHEDULES: the GN paper's, or He et al.'s ("he")
     bfloat16: bool = False            # mixed_bfloat16: bf16 convolutions; float32 weights, BN/GN
                                       #   statistics, logits and loss; no loss scaling (GPU option)
+    moving_statistics: str = "first"  # BN at W > 1: inference's statistics from the first
+                                      #   worker's slice (the paper's code), or "mean" over the
+                                      #   workers (layer.WorkerBatchNormalization)
 
     def __post_init__(self):
         # One configuration, one form: a fixed rate equal to the rule's is the rule (so the
@@ -176,11 +146,17 @@ class Config:
             object.__setattr__(self, "learning_rate", None)
         if self.epochs is None:
             object.__setattr__(self, "epochs", SCHEDULES[self.schedule][0])
+        if self.moving_statistics not in MOVING_STATISTICS:
+            raise ValueError(f"moving_statistics should be one of {MOVING_STATISTICS}, got "
+                             f"{self.moving_statistics!r}")
+        if self.norm != "bn" or self.workers == 1:   # one slice (or none): the rules agree
+            object.__setattr__(self, "moving_statistics", MOVING_STATISTICS[0])
 
     @property
     def name(self):
         """e.g. bn_b4_w8_s1; gn_g4_b32_s1 (G = 4), gn_c2_b32_s1 (2 channels per group);
-        bn_b2_w128_lr0.1_s1 (a fixed rate), bn_b64_w2_lr0.1_he_s1 (He et al.'s schedule)."""
+        bn_b2_w128_lr0.1_s1 (a fixed rate), bn_b64_w2_lr0.1_he_s1 (He et al.'s schedule),
+        bn_b2_w8_meanstats_s1 (BN's moving statistics from the mean over the workers)."""
         norm = self.norm
         if self.norm == "gn" and self.channels_per_group:
             norm += f"_c{self.channels_per_group}"
@@ -189,7 +165,8 @@ class Config:
         workers = f"_w{self.workers}" if self.workers > 1 else ""
         rate = f"_lr{self.learning_rate:g}" if self.learning_rate is not None else ""
         schedule = f"_{self.schedule}" if self.schedule != "paper" else ""
-        return f"{norm}_b{self.batch_size}{workers}{rate}{schedule}_s{self.seed}"
+        stats = "_meanstats" if self.moving_statistics == "mean" else ""
+        return f"{norm}_b{self.batch_size}{workers}{rate}{schedule}{stats}_s{self.seed}"
 
     @property
     def rule_lr(self):
@@ -205,9 +182,47 @@ class Config:
 
     @property
     def lr_drops(self):
-        """Epoch boundaries of the schedule, scaled from its full length to self.epochs."""
+        """The epochs after which the rate drops: the schedule's, scaled from its full length to
+        self.epochs (see scaled_drops)."""
         full, drops = SCHEDULES[self.schedule]
-        return [max(1, round(d * self.epochs / full)) for d in drops]
+        return scaled_drops(drops, full, self.epochs)
+
+
+def scaled_drops(drops, full, epochs):
+    """The drops of a full-length schedule (epochs after which the rate falls) scaled to
+    `epochs`: strictly increasing, each phase at least one epoch long. k drops need k + 1
+    epochs; a shorter run keeps its first epochs - 1 drops (1 epoch: none; 2: one, after
+    epoch 1). E.g. (30, 60, 90) of 100: 100 -> 30, 60, 90; 5 -> 2, 3, 4; 3 -> 1, 2."""
+    kept = drops[:max(0, min(len(drops), epochs - 1))]
+    out = []
+    for i, d in enumerate(kept):
+        latest = epochs - (len(kept) - i)           # room for the drops after this one
+        out.append(min(max(round(d * epochs / full), out[-1] + 1 if out else 1), latest))
+    return out
+
+
+# Stored configurations (a checkpoint's, a run record's): the values that the keys missing
+# from one written before the key existed stand for, and the keys that are gone.
+LEGACY = {"moving_statistics": "mean"}   # before the rule could be chosen: the mean over workers
+REMOVED = ("jit_compile",)               # --jit-compile: Keras never used XLA for these runs
+
+
+KEPT_FROM_START = ("moving_statistics",)   # a resumed run keeps these from its checkpoint
+
+
+def stored_config(run):
+    """The Config of a stored configuration (asdict(Config) as a checkpoint or a run record
+    holds it, from any version of train.py): LEGACY values for missing keys, REMOVED ones
+    dropped, canonical as every Config is."""
+    fields = {k: v for k, v in run.items() if k not in REMOVED}
+    return Config(**{**LEGACY, **fields})
+
+
+def run_identity(run):
+    """What makes a stored configuration (a dict) the run of another one: its Config, less
+    what a run keeps from its start (KEPT_FROM_START: the rule a checkpoint of an earlier
+    version of train.py was trained with goes on; a finished run is the one that ran)."""
+    return {k: v for k, v in asdict(stored_config(run)).items() if k not in KEPT_FROM_START}
 
 
 def base_config(profile="default", seeds=None, **fields):
@@ -246,15 +261,55 @@ def paper_runs():
     return list(dict.fromkeys(replace(c, profile=provider(c)) for c in runs))
 
 
+# ---------------------------------------------------------------------------
+# Packs: the runs of one configuration with several seeds, trained in one process (one
+# compiled program on JAX's scan loop; train.train, backends.ScanLoop).
+
+def pack_of(cfg, seeds=None, pack=False):
+    """The runs a command line asks for: cfg, or with --pack cfg with each of `seeds`
+    (default: its scale's)."""
+    if not pack:
+        return [cfg]
+    return [replace(cfg, seed=s) for s in seeds or SCALES[PROFILES[cfg.profile][1]]["seeds"]]
+
+
+def check_pack(cfgs):
+    """cfgs, checked to form a pack: distinct seeds, nothing else different."""
+    rest = {replace(c, seed=0) for c in cfgs}
+    if len(rest) > 1 or len({c.seed for c in cfgs}) < len(cfgs):
+        raise ValueError(f"a pack's runs differ in their seeds only; got "
+                         f"{', '.join(c.name for c in cfgs)}")
+    return cfgs
+
+
+def packs(entries, tasks):
+    """tasks (indices of entries, a grid) grouped into packs, entries that differ only in
+    seed, in the order of each pack's first task."""
+    groups = {}
+    for t in tasks:
+        groups.setdefault(replace(entries[t], seed=0), []).append(t)
+    return list(groups.values())
+
+
+def pack_arguments(profile, entries, tasks):
+    """train.py's arguments that run entries[tasks] (differing only in seed) as one pack:
+    --task J --seeds S --pack, J in the grid of those seeds (train.py renumbers for --seeds)."""
+    seeds = [entries[t].seed for t in tasks]
+    task = grid(profile, seeds).index(entries[tasks[0]])
+    return ["--task", str(task), "--seeds", " ".join(map(str, seeds)), "--pack"]
+
+
 def profile_paths(profile, args=None):
     """Where a profile's files go: models/, logs/, results.csv, plot.png, curves.png for the
-    paper's Figure 1; models/P/, logs/P/, results-P.csv, plot-P.png, curves-P.png for
-    another profile P. args (the command line) may override each (None: the default)."""
-    suffix = "" if profile == "default" else f"-{profile}"
-    sub = "" if profile == "default" else f"/{profile}"
-    paths = {"models_dir": f"models{sub}", "logs_dir": f"logs{sub}",
-             "results": f"results{suffix}.csv", "plot": f"plot{suffix}.png",
-             "curves": f"curves{suffix}.png"}
+    paper's Figure 1; models/P/, logs/P/ and results/P/ (results.csv, plot.png, curves.png)
+    for another profile P. args (the command line) may override each (None: the default)."""
+    if profile == "default":
+        paths = {"models_dir": "models", "logs_dir": "logs", "results": "results.csv",
+                 "plot": "plot.png", "curves": "curves.png"}
+    else:
+        paths = {"models_dir": f"models/{profile}", "logs_dir": f"logs/{profile}",
+                 **{k: f"results/{profile}/{k}.{ext}" for k, ext in
+                    (("results", "csv"), ("plot", "png"), ("curves", "png"))}}
     for key in paths:
         if getattr(args, key, None) is not None:
             paths[key] = str(getattr(args, key))
@@ -265,9 +320,23 @@ def profile_paths(profile, args=None):
     return paths
 
 
+def is_positive_int(value):
+    """An int of at least 1, and not a bool (True is an int to Python, and a typo here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def require_positive(parser, args, names):
+    """parser.error for the first of args' `names` that is given and not a positive integer."""
+    for name in names:
+        value = getattr(args, name)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v is not None and not is_positive_int(v):
+                parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
 def check_groups(groups, what="groups"):
     """groups (or channels_per_group, named by `what`) should divide 16, 32 and 64."""
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or 16 % groups:
+    if not is_positive_int(groups) or 16 % groups:
         raise ValueError(f"{what} should divide every stage's width (16, 32, 64), "
                          f"i.e. be 1, 2, 4, 8 or 16; got {groups!r}")
 
@@ -324,12 +393,19 @@ def parse_args(argv=None):
                           f"(default: the profile's; {WORKERS} at the paper's scale)")
     run.add_argument("--seed", type=int)
     run.add_argument("--epochs", type=int,
-                     help=f"training epochs (default: the schedule's, {EPOCHS} for the paper's)")
+                     help=f"training epochs (default: the schedule's, {EPOCHS} for the paper's); "
+                          f"the drops scale with it, each phase at least one epoch long: a run of "
+                          f"E epochs keeps at most E - 1 drops, the first ones (2 epochs: one "
+                          f"drop, after epoch 1)")
     run.add_argument("--learning-rate", type=float,
                      help="a fixed learning rate before the drops, instead of 0.1 * N / 32")
     run.add_argument("--schedule", choices=list(SCHEDULES),
                      help="the GN paper's (100 epochs, /10 after 30, 60, 90; default) or He et "
                           "al.'s (164 epochs, /10 after 82 and 123)")
+    run.add_argument("--moving-statistics", choices=MOVING_STATISTICS,
+                     help="BN with W > 1 workers: inference's moving mean and variance from the "
+                          "first worker's N images (default, as the paper's code) or from the "
+                          "mean over the W workers")
     run.add_argument("--groups", type=int, help=f"GroupNorm groups (default {GROUPS})")
     run.add_argument("--channels-per-group", type=int,
                      help="GroupNorm with this many channels per group in every layer, instead "
@@ -343,9 +419,9 @@ def parse_args(argv=None):
                                          "than the paper's Figure 1 (profile_paths)")
     io.add_argument("--logs-dir", help="default: logs/, or logs/P/")
     io.add_argument("--results", help="(whole profile) results file (default: results.csv, or "
-                                      "results-P.csv)")
+                                      "results/P/results.csv)")
     io.add_argument("--plot", help="(whole profile) figure file (default: plot.png, or "
-                                   "plot-P.png; curves-P.png beside it)")
+                                   "results/P/plot.png; curves.png beside it)")
     io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
                                     "e.g. 'CIFAR-10 (JPEG copy)'")
     p.add_argument("--devices", type=int,
@@ -363,8 +439,6 @@ def parse_args(argv=None):
                         f"0 = one per core "
                         f"(default {THREADS}: see THREADS in gnrepro/recipe.py)")
     gpu = p.add_argument_group("speed options for GPUs (off by default; see python bench.py train)")
-    gpu.add_argument("--jit-compile", action="store_true",
-                     help="compile the training step with XLA (TensorFlow; JAX always does)")
     gpu.add_argument("--mixed-precision", action="store_true",
                      help="mixed_float16: float16 convolutions, float32 weights, normalization "
                           "statistics and logits, loss scaling")
@@ -384,11 +458,9 @@ def parse_args(argv=None):
         p.error("give --groups or --channels-per-group, not both")
     if args.mixed_precision and args.bfloat16:
         p.error("give --mixed-precision (float16) or --bfloat16, not both")
-    for name in ("batch_size", "workers", "devices", "epochs", "groups", "channels_per_group",
-                 "train_images", "test_images", "jobs", "unroll"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    require_positive(p, args, ("batch_size", "workers", "devices", "epochs", "groups",
+                               "channels_per_group", "train_images", "test_images", "jobs",
+                               "unroll"))
     if args.learning_rate is not None and not args.learning_rate > 0:
         p.error(f"--learning-rate must be positive, got {args.learning_rate}")
     return p, args
@@ -409,7 +481,8 @@ def resolve(p, args):
         cfg = base_config(profile, args.seeds)
     overrides = {k: getattr(args, k) for k in ("norm", "batch_size", "workers", "seed", "epochs",
                                                "groups", "channels_per_group", "train_images",
-                                               "test_images", "learning_rate", "schedule")
+                                               "test_images", "learning_rate", "schedule",
+                                               "moving_statistics")
                  if getattr(args, k) is not None}
     if args.schedule and args.epochs is None and SCALES[PROFILES[profile][1]]["epochs"] is None:
         overrides["epochs"] = None               # the new schedule's full length
@@ -417,7 +490,7 @@ def resolve(p, args):
         overrides["channels_per_group"] = None   # G given: fixed groups, not a group size
     if args.channels_per_group is not None:
         overrides["groups"] = GROUPS             # C / G given: G is not the run's setting
-    overrides |= {k: True for k in ("jit_compile", "mixed_precision", "bfloat16")
+    overrides |= {k: True for k in ("mixed_precision", "bfloat16")
                   if getattr(args, k)}
     cfg = replace(cfg, **overrides)
     if cfg.channels_per_group is not None and cfg.norm != "gn":
@@ -450,6 +523,7 @@ def print_grid(profile, seeds=None):
                  else f" --groups {c.groups}" if c.norm == "gn" and c.groups != GROUPS else "")
         rate = f" --learning-rate {c.learning_rate:g}" if c.learning_rate is not None else ""
         schedule = f" --schedule {c.schedule}" if c.schedule != "paper" else ""
+        schedule += " --moving-statistics mean" if c.moving_statistics == "mean" else ""
         mark = f" # provided by {by}" if by != profile else ""
         lines.append(f"{i} {c.name} --norm {c.norm} --batch-size {c.batch_size} "
                      f"--workers {c.workers} --seed {c.seed}{group}{rate}{schedule}{mark}")

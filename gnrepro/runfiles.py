@@ -30,7 +30,9 @@ import platform
 import subprocess
 import sys
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -101,11 +103,19 @@ class BadCheckpoint(Exception):
     """A checkpoint that cannot be read, or does not fit the model it is to restore."""
 
 
-def read_checkpoint(paths, config, defaults=None):
-    """(state, weights, optimizer variables) of the run's checkpoint, or None without one.
-    One that cannot be read is set aside (set_aside) and None returned: the run starts over.
-    config: the run's configuration as a dict; a checkpoint of another one is refused
-    (defaults: values for keys that a checkpoint written before they existed lacks)."""
+class Saved(NamedTuple):
+    """A checkpoint as read: the run's state (a dict: its config, epoch, step, history...),
+    the model's weights and the optimizer's variables."""
+    state: dict
+    weights: list
+    variables: list
+
+
+def read_checkpoint(paths, config, identity=None):
+    """The run's checkpoint (Saved), or None without one. One that cannot be read is set aside
+    (set_aside) and None returned: the run starts over. config: the run's configuration as a
+    dict; a checkpoint of another one is refused. identity(config dict): what must agree (by
+    default all of it; train.py's: recipe.run_identity, which knows older versions' keys)."""
     if not paths.checkpoint.exists():
         return None
     try:
@@ -117,10 +127,11 @@ def read_checkpoint(paths, config, defaults=None):
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         set_aside(paths, f"cannot be read ({type(e).__name__}: {e})")
         return None
-    if {**(defaults or {}), **state_config} != config:
+    same = identity or (lambda run: run)
+    if same(state_config) != same(config):
         raise SystemExit(f"error: {paths.checkpoint} belongs to another configuration "
                          f"({state_config}); rerun with --force to start afresh")
-    return state, weights, variables
+    return Saved(state, weights, variables)
 
 
 def set_aside(paths, why):
@@ -131,24 +142,26 @@ def set_aside(paths, why):
           f"over", file=sys.stderr, flush=True)
 
 
-def load_checkpoint(paths, model, config, defaults=None):
-    """Restore weights and optimizer state; return the saved state, or None without a usable
-    checkpoint (see read_checkpoint; one whose arrays do not fit the model is set aside too,
-    before anything is assigned: the model is then as built)."""
-    saved = read_checkpoint(paths, config, defaults)
-    if saved is None:
-        return None
-    state, weights, variables = saved
+def restore(paths, model, saved):
+    """Assign a Saved checkpoint's weights and optimizer variables to model; its state. One
+    whose arrays do not fit the model is set aside before anything is assigned (the model is
+    then as built) and None returned: the run starts over."""
     try:
-        _check_shapes("weights", weights, model.weights)
-        _check_shapes("optimizer variables", variables, model.optimizer.variables)
+        _check_shapes("weights", saved.weights, model.weights)
+        _check_shapes("optimizer variables", saved.variables, model.optimizer.variables)
     except BadCheckpoint as e:
         set_aside(paths, f"does not fit the model ({e})")
         return None
-    model.set_weights(weights)
-    for v, value in zip(model.optimizer.variables, variables):
+    model.set_weights(saved.weights)
+    for v, value in zip(model.optimizer.variables, saved.variables):
         v.assign(value)
-    return state
+    return saved.state
+
+
+def load_checkpoint(paths, model, config, identity=None):
+    """read_checkpoint, then restore: the saved state, or None without a usable checkpoint."""
+    saved = read_checkpoint(paths, config, identity)
+    return None if saved is None else restore(paths, model, saved)
 
 
 def _check_shapes(what, arrays, variables):
@@ -201,18 +214,48 @@ class RunLock:
             self.held = False
 
 
-def finished_record(paths, config, defaults=None):
+def finished_record(paths, config, identity=None):
     """The run record if this run already finished with this configuration (a dict), else
-    None; a finished run of another configuration under the same name is refused
-    (defaults: as for load_checkpoint)."""
+    None; a finished run of another configuration under the same name is refused (identity:
+    as for read_checkpoint)."""
     if not (paths.model.exists() and paths.record.exists()):
         return None
     record = json.loads(paths.record.read_text())
-    if {**(defaults or {}), **record.get("config", {}).get("run", {})} != config:
+    same = identity or (lambda run: run)
+    if same(record.get("config", {}).get("run", {})) != same(config):
         raise SystemExit(f"error: {paths.record} was trained with another configuration "
                          f"({record.get('config', {}).get('run')}); use --force to retrain it, "
                          f"or another --models-dir")
     return record
+
+
+def claim(cfgs, models_dir, logs_dir, force, stack, identity=None):
+    """The runs of cfgs (Configs) still to train here, each with its lock taken (entered on
+    stack, an ExitStack): ([(cfg, Paths)], exit status). A finished run is said and skipped
+    (force: trained again); one whose lock another process holds is named on stderr. The
+    status is BUSY where nothing is left to train here because of such runs, else 0."""
+    pending, busy = [], []
+    for cfg in cfgs:
+        paths = Paths(models_dir, logs_dir, cfg.name)
+        if _finished(cfg, paths, force, identity):
+            continue
+        lock = stack.enter_context(RunLock(paths))   # each run its own
+        if not lock.held:
+            busy.append(f"{cfg.name}: {lock.holder} is training this run (it holds {paths.lock})")
+        elif not _finished(cfg, paths, force, identity):   # (by the process that held the lock)
+            pending.append((cfg, paths))
+    then = "not here" if pending else f"exiting with status {BUSY}"
+    for message in busy:
+        print(f"{message}; {then}", file=sys.stderr, flush=True)
+    return pending, (BUSY if busy and not pending else 0)
+
+
+def _finished(cfg, paths, force, identity):
+    """Whether cfg's run has finished (said once), unless force retrains it."""
+    if force or not finished_record(paths, asdict(cfg), identity):
+        return False
+    print(f"{cfg.name}: already finished ({paths.model}); --force retrains it", flush=True)
+    return True
 
 
 def git_commit():

@@ -19,14 +19,14 @@ train on JAX's scan loop (KERAS_BACKEND=jax, with --loop scan, or a GPU), the en
 differ only in seed train as one process, a pack (train.py --pack; its members write
 their solo runs' files); --no-pack runs every entry alone. SIGINT (Ctrl-C),
 SIGTERM or SIGUSR1 asks every running entry to checkpoint (SIGUSR1, at the end of its
-current compiled call) and the sweep exits with status 75 (recipe.PREEMPTED); the same
+current compiled call) and the sweep exits with status 75 (signals.PREEMPTED); the same
 command resumes. When every entry has finished: reproduce.py writes the profile's
 results file and plot.py its figures (recipe.profile_paths: results.csv, plot.png and
-curves.png for the paper's profile; results-P.csv, plot-P.png, curves-P.png otherwise,
+curves.png for the paper's profile; results/P/results.csv, plot.png, curves.png otherwise,
 and the figure of the profile's study where it has one).
 
 On a SLURM cluster the grid runs as an array job instead (sbatch train.sh), one entry per
-array task; gpu.sh runs it on one borrowed GPU within a time budget.
+array task; gpu.sh runs its next runs on one GPU held for a limited time.
 """
 import json
 import os
@@ -36,11 +36,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from gnrepro import cifar10
-from gnrepro import recipe
+from gnrepro import recipe, signals
 
 HERE = Path(__file__).resolve().parent.parent   # the repository: train.py, reproduce.py, plot.py
 
@@ -51,11 +50,11 @@ def forwarded(args):
     if args.seeds:
         out += ["--seeds", " ".join(map(str, args.seeds))]
     for name in ("epochs", "workers", "train_images", "test_images", "data_dir",
-                 "models_dir", "logs_dir", "threads", "devices", "loop", "unroll"):
+                 "models_dir", "logs_dir", "threads", "devices", "loop", "unroll",
+                 "moving_statistics"):
         if getattr(args, name, None) is not None:
             out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out + [f"--{f.replace('_', '-')}" for f in ("force", "jit_compile", "mixed_precision",
-                                                              "bfloat16")
+    return out + [f"--{f.replace('_', '-')}" for f in ("force", "mixed_precision", "bfloat16")
                   if getattr(args, f, False)]
 
 
@@ -80,39 +79,23 @@ def keras_backend():
         return "tensorflow"
 
 
-def packs(entries, tasks):
-    """tasks (indices of entries) grouped into packs, entries that differ only in seed, in
-    the order of each pack's first task."""
-    groups = {}
-    for t in tasks:
-        groups.setdefault(replace(entries[t], seed=0), []).append(t)
-    return list(groups.values())
-
-
-def pack_arguments(profile, entries, tasks):
-    """train.py's arguments that run entries[tasks] (differing only in seed) as one pack:
-    --task J --seeds S --pack, J in the grid of those seeds (train.py renumbers for --seeds)."""
-    seeds = [entries[t].seed for t in tasks]
-    task = recipe.grid(profile, seeds).index(entries[tasks[0]])
-    return ["--task", str(task), "--seeds", " ".join(map(str, seeds)), "--pack"]
-
-
 def queue(profile, seeds=None, tasks=None, pack=True):
     """(train.py arguments, run names) per process, the longest first (the fewest images a
     step: N = 2 takes 16 times the steps of N = 32; then the bigger pack): gpu.sh's queue."""
     entries = recipe.grid(profile, seeds)
     tasks = list(range(len(entries))) if tasks is None else list(tasks)
-    groups = packs(entries, tasks) if pack else [[t] for t in tasks]
+    groups = recipe.packs(entries, tasks) if pack else [[t] for t in tasks]
     groups.sort(key=lambda g: (entries[g[0]].batch_size * entries[g[0]].workers, -len(g)))
-    return [(pack_arguments(profile, entries, g) if pack else ["--task", str(g[0])],
+    return [(recipe.pack_arguments(profile, entries, g) if pack else ["--task", str(g[0])],
              [entries[t].name for t in g]) for g in groups]
 
 
 def print_queue(profile, seeds="", tasks="", pack="1", pending=""):
     """gpu.sh's queue, one process a line: TASK SEEDS NAME... (SEEDS '-': a solo run, TASK in
     the grid of the profile's or SEEDS' seeds; else comma-separated, a pack, TASK in the grid
-    of those). No tasks and `pending`: the entries without a run record in the profile's
-    models folder (the committed paper-scale runs), less those another profile provides
+    of those). No tasks and `pending`: the entries without a finished model in the profile's
+    models folder (the committed paper-scale runs; a record without its model is retrained),
+    less those another profile provides
     (recipe.provider: that profile's queue trains them, once)."""
     if profile not in recipe.PROFILES:
         sys.exit(f"gpu.sh: no profile {profile!r}: one of {list(recipe.PROFILES)}")
@@ -121,7 +104,7 @@ def print_queue(profile, seeds="", tasks="", pack="1", pending=""):
     if tasks is None and pending:
         models = Path(recipe.profile_paths(profile)["models_dir"])
         tasks = [i for i, c in enumerate(recipe.grid(profile, seeds))
-                 if not (models / f"{c.name}.json").exists() and recipe.provider(c) == profile]
+                 if not (models / f"{c.name}.keras").exists() and recipe.provider(c) == profile]
     for args, names in queue(profile, seeds, tasks, pack not in ("0", "")):
         pack_seeds = args[3].replace(" ", ",") if "--pack" in args else "-"
         print(args[1], pack_seeds, *names)
@@ -150,7 +133,7 @@ def _relay(proc):
 
 def run_entries(commands, jobs, stop, label="sweep"):
     """Run {task: argv} as subprocesses, `jobs` at a time, in the dict's order; an exit status:
-    0, 1 if any failed (the others still run), recipe.PREEMPTED once `stop` is requested
+    0, 1 if any failed (the others still run), signals.PREEMPTED once `stop` is requested
     (each running one gets SIGUSR1, checkpoints and exits; no new one starts)."""
     order, running, failed, signalled = list(commands), [], [], set()
     while order or running:
@@ -173,7 +156,7 @@ def run_entries(commands, jobs, stop, label="sweep"):
         for entry in [r for r in running if r[1].poll() is not None]:
             running.remove(entry)
             entry[2].join()
-            if entry[1].returncode not in (0, recipe.PREEMPTED if stop.requested else 0):
+            if entry[1].returncode not in (0, signals.PREEMPTED if stop.requested else 0):
                 failed.append((entry[0], entry[1].returncode))
     for task, code in failed:
         print(f"{label}: grid entry {task} failed (exit status {code}; see its output above)",
@@ -181,7 +164,7 @@ def run_entries(commands, jobs, stop, label="sweep"):
     if stop.requested:
         print(f"{label}: stopped by {stop.requested}; run the same command again to resume",
               flush=True)
-        return recipe.PREEMPTED
+        return signals.PREEMPTED
     return 1 if failed else 0
 
 
@@ -230,12 +213,12 @@ def sweep(args, stop):
     cifar10.require(args.data_dir)   # once, here: not once per entry, with a traceback each
     script = [sys.executable, "-u", str(HERE / "train.py")]
     if packing(args):
-        groups = packs(entries, tasks)
+        groups = recipe.packs(entries, tasks)
         print(f"profile {args.profile}: {len(tasks)} runs in {len(groups)} packs (one process "
               f"each; --no-pack: one per run), {jobs} at a time", flush=True)
         # (pack_arguments' --seeds comes after forwarded's, so it is the one train.py reads)
         commands = {"+".join(map(str, g)): [*script, *forwarded(args),
-                                            *pack_arguments(args.profile, entries, g)]
+                                            *recipe.pack_arguments(args.profile, entries, g)]
                     for g in groups}
     else:
         print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
@@ -251,7 +234,7 @@ def sweep(args, stop):
     return code
 
 
-SCALE_OPTIONS = ("epochs", "workers", "train_images", "test_images")
+SCALE_OPTIONS = ("epochs", "workers", "train_images", "test_images", "moving_statistics")
 OWN_FILES = ("models_dir", "results", "plot")
 
 
@@ -281,13 +264,13 @@ def main(argv=None, stop=None):
                 f"{' '.join(default)} of your own too, so that its files "
                 f"({', '.join(paths[k] for k in OWN_FILES)}) are not replaced")
     if stop is None:
-        with recipe.StopOnSignal(recipe.SWEEP_SIGNALS) as stop:
+        with signals.StopOnSignal(signals.SWEEP_SIGNALS) as stop:
             # train.py hands a whole profile over with these blocked (train.hand_over): one
             # that came meanwhile is delivered now, to the handler just installed.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, recipe.SWEEP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.SWEEP_SIGNALS)
             return sweep(args, stop)
     return sweep(args, stop)
 
 
 if __name__ == "__main__":
-    recipe.exit_with(main, recipe.SWEEP_SIGNALS)
+    signals.exit_with(main, signals.SWEEP_SIGNALS)

@@ -27,6 +27,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a whole sweep, a resume after a kill, real data or "
+                                       "another process's training (make test-fast skips it)")
+
+
 def fixture_arrays(n, seed):
     """n images (n, 3072) uint8 in R, G, B planes, and labels 0-9 balanced."""
     rng = np.random.default_rng(seed)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import types
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ import keras  # noqa: E402
 from gnrepro import backends  # noqa: E402
 from gnrepro import cifar10  # noqa: E402
 import train  # noqa: E402
+from gnrepro import loops, recipe, signals  # noqa: E402
 
 BACKEND = keras.backend.backend()
 
@@ -176,7 +178,7 @@ def test_runs_write_models_and_records(pipeline):
 @jax_or_torch
 def test_sigusr1_mid_epoch_then_resume_gives_the_uninterrupted_weights(pipeline):
     out = pipeline.stopped
-    assert pipeline.stopped_code == train.PREEMPTED, out[-3000:]
+    assert pipeline.stopped_code == signals.PREEMPTED, out[-3000:]
     assert "received SIGUSR1" in out and "checkpointed at epoch 2, step " in out
     step = int(out.split("checkpointed at epoch 2, step ")[1].split()[0])
     assert 0 < step < BN_STEPS, "stopped mid-epoch"
@@ -240,7 +242,7 @@ def test_torch_steps_per_execution_is_one_with_a_note_once(monkeypatch, capsys):
     assert capsys.readouterr().err == ""   # nothing asked, nothing refused
     assert [backends.steps_per_execution(16, 1) for _ in range(2)] == [1, 1]
     assert capsys.readouterr().err == (f"{ONE_STEP_NOTE} (steps_per_execution 1, not 16)\n")
-    cfg = train.Config(norm="bn", batch_size=2, workers=2)
+    cfg = recipe.Config(norm="bn", batch_size=2, workers=2)
     model = train.build_model(cfg)
     train.compile_model(model, cfg, steps_per_epoch=10)
     assert model.steps_per_execution == 1 and capsys.readouterr().err == ""
@@ -264,7 +266,7 @@ SCAN_IMAGES = 40   # 10 steps of 4 images, in compiled calls of 3 (the last one 
 
 
 def scan_setup(cifar_dir, norm, batch_size, workers, train_images=SCAN_IMAGES, seed=1):
-    cfg = train.Config(norm=norm, batch_size=batch_size, workers=workers, seed=seed, epochs=1,
+    cfg = recipe.Config(norm=norm, batch_size=batch_size, workers=workers, seed=seed, epochs=1,
                        train_images=train_images)
     data = cifar10.prepare_data(cifar_dir, train_images)
     return cfg, data, cifar10.steps_per_epoch(len(data.y_train), batch_size * workers)
@@ -299,16 +301,20 @@ def test_scan_batches_are_the_fit_batches_byte_for_byte(cifar_dir):
 
 
 @jax_only
-@pytest.mark.parametrize("norm, batch_size, workers", [("bn", 2, 2), ("gn", 4, 1)])
-def test_scan_loop_equals_fit(cifar_dir, norm, batch_size, workers):
+@pytest.mark.parametrize("norm, batch_size, workers, rule", [
+    ("bn", 2, 2, "first"), ("bn", 2, 2, "mean"), ("gn", 4, 1, "first")])
+def test_scan_loop_equals_fit(cifar_dir, norm, batch_size, workers, rule):
+    """Both of BN's moving-statistics rules: the scan loop runs the same layer as fit."""
     cfg, data, steps = scan_setup(cifar_dir, norm, batch_size, workers)
+    cfg = recipe.Config(**{**asdict(cfg), "moving_statistics": rule})
+    assert cfg.moving_statistics == rule
     keras.utils.set_random_seed(cfg.seed)
     fitted = compiled(cfg, steps)
     start = fitted.get_weights()
     scanned = compiled(cfg, steps, start)
     batch = batch_size * workers
     batches = cifar10.TrainBatches(data.padded, data.y_train, batch, cfg.seed, 0)
-    history = fitted.fit(train.Batches(batches), epochs=1, verbose=0, shuffle=False).history
+    history = fitted.fit(loops.Batches(batches), epochs=1, verbose=0, shuffle=False).history
     loop = backends.ScanLoop(scanned, data.padded, data.y_train, batch, 3)
     done, logs = loop.run(cifar10.epoch_draws(len(data.y_train), cfg.seed, 0), 0, steps)
     assert done == steps == 10
@@ -330,9 +336,9 @@ def stopping_loop(stop, at_call):
 @jax_only
 def test_scan_run_stopped_mid_epoch_resumes_bit_for_bit(cifar_dir, tmp_path, monkeypatch):
     # 20 images, W = 2 workers of N = 2: 5 steps an epoch, 3 per compiled call.
-    cfg = train.Config(norm="bn", batch_size=2, workers=2, seed=1, epochs=2, train_images=20,
+    cfg = recipe.Config(norm="bn", batch_size=2, workers=2, seed=1, epochs=2, train_images=20,
                        test_images=20)
-    monkeypatch.setattr(train, "IMAGES_PER_SCAN", 12)
+    monkeypatch.setattr(loops, "IMAGES_PER_SCAN", 12)
 
     def run(folder, stop):
         return train.train(cfg, cifar_dir, tmp_path / folder, tmp_path / folder / "logs",
@@ -341,7 +347,7 @@ def test_scan_run_stopped_mid_epoch_resumes_bit_for_bit(cifar_dir, tmp_path, mon
     stop = types.SimpleNamespace(requested=None)
     with monkeypatch.context() as patch:
         patch.setattr(backends, "ScanLoop", stopping_loop(stop, at_call=1))
-        assert run("resumed", stop) == train.PREEMPTED
+        assert run("resumed", stop) == signals.PREEMPTED
     with np.load(tmp_path / "resumed" / "checkpoints" / f"{cfg.name}.npz") as z:
         state = json.loads(str(z["state"]))
     assert (state["epoch"], state["step"]) == (0, 3), "stopped after the first call of epoch 1"
@@ -453,11 +459,12 @@ import json
 import sys
 import numpy as np
 import train
+from gnrepro import recipe
 folder, backend = sys.argv[1:]
 out = {}
 for norm in ("bn", "gn"):
     z = np.load(f"{folder}/{norm}.npz")
-    cfg = train.Config(**json.loads(str(z["config"])))
+    cfg = recipe.Config(**json.loads(str(z["config"])))
     model = train.build_model(cfg)
     train.compile_model(model, cfg, steps_per_epoch=10)
     model.set_weights([z[f"w{i}"] for i in range(len(model.weights))])
@@ -476,7 +483,7 @@ def tensorflow_first_step(cifar_dir, tmp_path_factory):
     data = cifar10.prepare_data(cifar_dir, train_images=40)
     out = {}
     for norm, kwargs in FIRST_STEP.items():
-        cfg = train.Config(seed=1, **kwargs)
+        cfg = recipe.Config(seed=1, **kwargs)
         keras.utils.set_random_seed(cfg.seed)
         model = train.build_model(cfg)
         train.compile_model(model, cfg, steps_per_epoch=10)

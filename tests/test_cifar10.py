@@ -505,3 +505,18 @@ def test_jpeg_copy_loads_balanced(jpeg_cifar_dir):
     # Natural images, not noise: neighbouring pixels are strongly correlated.
     a = x[:, :, :-1].astype(float).ravel()
     assert np.corrcoef(a, x[:, :, 1:].astype(float).ravel())[0, 1] > 0.8
+
+
+def test_only_the_official_files_are_official(tmp_path, monkeypatch):
+    """A run record's data.official: every batch file's md5 that of the official release
+    (torchvision's list), not the image counts: a re-encoded copy with the official counts,
+    such as the JPEG one, is not official."""
+    root = write_cifar_fixture(tmp_path / "copy", n_train=50, n_test=10)
+    folder = root / cifar10.FOLDER
+    assert not cifar10.is_official(folder) and not cifar10.prepare_data(root).official
+    md5s = {name: hashlib.md5((folder / name).read_bytes()).hexdigest()
+            for name in cifar10.OFFICIAL_MD5}
+    monkeypatch.setattr(cifar10, "OFFICIAL_MD5", md5s)   # as if these were the official files
+    assert cifar10.is_official(folder) and cifar10.prepare_data(root).official
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes() + b"\0")
+    assert not cifar10.is_official(folder)   # one byte more in one file: not official

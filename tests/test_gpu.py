@@ -1,5 +1,5 @@
-"""gpu.sh, the paper-scale sweep on a borrowed GPU machine, rehearsed on this CPU as that
-machine runs it: Keras on JAX without TensorFlow (the .venv-backends interpreter as
+"""gpu.sh, the sweep's next runs on a GPU machine held for a limited time, rehearsed on this
+CPU as that machine runs it: Keras on JAX without TensorFlow (the .venv-backends interpreter as
 `python3`). Two loans: the first call queues two seeds of an entry as one process (a pack)
 and is stopped at its deadline; its checkpoint comes back (gpu.sh unpack, as it would be
 committed) into a fresh copy of the repository, where the second call resumes it and
@@ -51,6 +51,7 @@ def fresh_tree(root, python):
 def environment(root, out, **extra):
     return {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "OUT": str(out),
             "PACK_SECONDS": "10", "START_SECONDS": "5", "TRAIN_GIT_COMMIT": "abc1234",
+            "DATA_DIR": ".gpu/data",
             # grid entries 0 and 10 (bn, seeds 1 and 2) made small: W = 2 workers of 4,
             # 40 epochs of 200 images
             "TRAIN_ARGS": "--batch-size 4 --workers 2 --epochs 40 --train-images 200 "

@@ -1,5 +1,5 @@
 """Packs: runs that differ only in seed, trained together in one compiled program on JAX
-(backends.ScanLoop over K stacked Keras states, train.train_pack), against solo runs.
+(backends.ScanLoop over K stacked Keras states, train.train), against solo runs.
 
     KERAS_BACKEND=jax .venv-backends/bin/python -m pytest -q tests/test_packs.py
 
@@ -36,6 +36,7 @@ import keras  # noqa: E402
 from gnrepro import backends  # noqa: E402
 from gnrepro import cifar10  # noqa: E402
 import train  # noqa: E402
+from gnrepro import loops, recipe, signals  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
                                 reason="packs are JAX's (make test-backends runs this file)")
@@ -43,8 +44,8 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
 SEEDS = (1, 2, 3)
 # BN with W = 2 workers of N = 2 (per-worker statistics), GN at N = 4 (per image).
 KINDS = {"bn": dict(norm="bn", batch_size=2, workers=2), "gn": dict(norm="gn", batch_size=4)}
-IMAGES = 40   # 10 steps an epoch; calls of 3 steps (train.scan_loop: 3, 3, 3, 1) where a
-              #   test sets train.IMAGES_PER_SCAN = 12
+IMAGES = 40   # 10 steps an epoch; calls of 3 steps (loops.scan_loop: 3, 3, 3, 1) where a
+              #   test sets recipe.IMAGES_PER_SCAN = 12
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,7 +69,7 @@ def compilation_cache(tmp_path_factory):
 
 
 def config(kind, seed=1, epochs=2, images=IMAGES):
-    return train.Config(seed=seed, epochs=epochs, train_images=images, test_images=20,
+    return recipe.Config(seed=seed, epochs=epochs, train_images=images, test_images=20,
                         **KINDS[kind])
 
 
@@ -104,11 +105,11 @@ def test_each_member_starts_from_its_solo_initial_weights(cifar_dir, tmp_path, k
     # A stop asked for before the first step: each run checkpoints its initial state, untrained.
     cfgs = [config(kind, s) for s in SEEDS]
     stop = types.SimpleNamespace(requested="test")
-    assert train.train_pack(cfgs, cifar_dir, tmp_path / "pack", tmp_path / "logs", stop=stop,
-                            loop="scan") == train.PREEMPTED
+    assert train.train(cfgs, cifar_dir, tmp_path / "pack", tmp_path / "logs", stop=stop,
+                            loop="scan") == signals.PREEMPTED
     for cfg in cfgs:
         assert train.train(cfg, cifar_dir, tmp_path / cfg.name, tmp_path / "logs", stop=stop,
-                           loop="scan") == train.PREEMPTED
+                           loop="scan") == signals.PREEMPTED
         packed, state = npz_arrays(tmp_path / "pack" / "checkpoints" / f"{cfg.name}.npz")
         solo, _ = npz_arrays(tmp_path / cfg.name / "checkpoints" / f"{cfg.name}.npz")
         assert packed.keys() == solo.keys() and len(packed) > 100
@@ -203,17 +204,17 @@ def runs(cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("packs")
     cfgs = [config("bn", s) for s in SEEDS]
     patch = pytest.MonkeyPatch()
-    patch.setattr(train, "IMAGES_PER_SCAN", 12)   # calls of 3 steps of 4 images
+    patch.setattr(loops, "IMAGES_PER_SCAN", 12)   # calls of 3 steps of 4 images
 
     def run(folder, cfgs, stop=None):
-        return train.train_pack(cfgs, cifar_dir, root / folder, root / folder / "logs", stop=stop,
+        return train.train(cfgs, cifar_dir, root / folder, root / folder / "logs", stop=stop,
                                 loop="scan")
     try:
         assert run("pack", cfgs, never()) == 0
         assert run("again", cfgs, never()) == 0
         with pytest.MonkeyPatch.context() as p:
             p.setattr(backends, "ScanLoop", stopping_loop(at_call=6))   # epoch 2's 2nd call
-            assert run("stopped", cfgs) == train.PREEMPTED
+            assert run("stopped", cfgs) == signals.PREEMPTED
         shutil.copytree(root / "stopped", root / "midway")
         assert run("stopped", cfgs) == 0
         for cfg in cfgs:
@@ -278,8 +279,8 @@ def test_members_at_different_points_train_just_what_is_missing(runs, cifar_dir,
     finished = (folder / f"{s1}.keras").stat().st_mtime_ns
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as p:
-        p.setattr(train, "IMAGES_PER_SCAN", 12)
-        assert train.train_pack(runs.cfgs, cifar_dir, folder, tmp_path / "logs", stop=never(),
+        p.setattr(loops, "IMAGES_PER_SCAN", 12)
+        assert train.train(runs.cfgs, cifar_dir, folder, tmp_path / "logs", stop=never(),
                                 loop="scan") == 0
     out = capsys.readouterr().out
     assert f"{s1}: already finished" in out and f"{s2}: resuming at epoch 2, step 6" in out
@@ -304,8 +305,8 @@ def test_a_pack_with_one_bad_checkpoint_loses_nothing_of_the_others(runs, cifar_
     bad.write_bytes(bad.read_bytes()[:1000])
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as p:
-        p.setattr(train, "IMAGES_PER_SCAN", 12)
-        assert train.train_pack(runs.cfgs[:2], cifar_dir, folder, tmp_path / "logs", stop=never(),
+        p.setattr(loops, "IMAGES_PER_SCAN", 12)
+        assert train.train(runs.cfgs[:2], cifar_dir, folder, tmp_path / "logs", stop=never(),
                                 loop="scan") == 0
     captured = capsys.readouterr()
     assert f"{s2}: checkpoint {bad} " in captured.err and f"moved to {bad}.bad" in captured.err
@@ -319,7 +320,7 @@ def test_a_pack_with_one_bad_checkpoint_loses_nothing_of_the_others(runs, cifar_
 
 def test_without_the_scan_loop_the_seeds_train_one_after_another(cifar_dir, tmp_path, capsys):
     cfgs = [config("gn", s, epochs=1, images=20) for s in (1, 2)]
-    assert train.train_pack(cfgs, cifar_dir, tmp_path, tmp_path / "logs", stop=never(),
+    assert train.train(cfgs, cifar_dir, tmp_path, tmp_path / "logs", stop=never(),
                             loop="fit") == 0
     out = capsys.readouterr().out
     assert ("2 runs (gn_b4_s1, gn_b4_s2): one after another (packs need JAX's scan loop: "
@@ -332,9 +333,9 @@ def test_without_the_scan_loop_the_seeds_train_one_after_another(cifar_dir, tmp_
 def test_a_pack_refuses_runs_that_differ_in_more_than_seed():
     with pytest.raises(ValueError, match="a pack's runs differ in their seeds only; got "
                                          "bn_b2_w2_s1, gn_b4_s2"):
-        train.pack_configs([config("bn", 1), config("gn", 2)])
+        recipe.check_pack([config("bn", 1), config("gn", 2)])
     with pytest.raises(ValueError, match="differ in their seeds only"):
-        train.pack_configs([config("bn", 1), config("bn", 1)])
+        recipe.check_pack([config("bn", 1), config("bn", 1)])
 
 
 # --- packs through sweep.py and SLURM: the files of solo runs ------------------------------
@@ -407,7 +408,7 @@ def test_packs_through_the_slurm_test_cluster_write_the_files_of_solo_runs(cifar
         for kind, pack in (("pack", "1"), ("solo", "0")):
             folder = tmp_path / kind
             (folder / "logs").mkdir(parents=True)
-            args = sweep_command(cifar_dir, folder)[3:]
+            args = sweep_command(cifar_dir, folder)[4:]   # (less python -u -m gnrepro.sweep)
             args = [a for a in args if a not in ("--tasks", "0 10", "--results", "--plot")
                     and not a.endswith((".csv", ".png"))]
             job = test_slurm.sbatch({**env, "PACK": pack}, folder, "--array=0,10",
@@ -500,4 +501,4 @@ def test_pack_command_line_errors(capsys):
         train.main(["--norm", "bn", "--batch-size", "2", "--bfloat16", "--mixed-precision"])
     assert e.value.code == 2 and "not both" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown step options \['unrol'\]"):
-        train.step_options({"unrol": 2})
+        loops.step_options({"unrol": 2})

@@ -38,6 +38,7 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.slow
 def test_a_paper_scale_sweep_ends_with_its_results_and_figures(launcher, tiny_data, tmp_path):
     result = subprocess.run([*map(str, [*LAUNCHERS[launcher](), *SMALL, "--data-dir", tiny_data,
                                          *files(tmp_path)])],

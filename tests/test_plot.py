@@ -282,10 +282,10 @@ def norms_study(tmp_path):
 def test_norms_table_is_table_1_with_the_differences_to_bn(norms_study):
     table = plot.norms_table(plot.read_results(norms_study[0], "test_error"), "test_error")
     assert table[["norm", "seeds", "error", "difference", "paper (ImageNet)"]].values.tolist() == [
-        ["BN", 2, "31.50 (31.00-32.00)", "+0.00", 23.6],
-        ["LN", 2, "34.50 (34.00-35.00)", "+3.00", 25.3],
-        ["IN", 2, "37.50 (37.00-38.00)", "+6.00", 28.4],
-        ["GN", 2, "32.50 (32.00-33.00)", "+1.00", 24.1]]
+        ["BN", 2, "31.50 \u00b1 0.71 (n=2)", "+0.00", 23.6],
+        ["LN", 2, "34.50 \u00b1 0.71 (n=2)", "+3.00", 25.3],
+        ["IN", 2, "37.50 \u00b1 0.71 (n=2)", "+6.00", 28.4],
+        ["GN", 2, "32.50 \u00b1 0.71 (n=2)", "+1.00", 24.1]]
 
 
 def test_cli_norms_draws_figure_4_and_prints_table_1(norms_study, tmp_path, capsys):
@@ -294,7 +294,7 @@ def test_cli_norms_draws_figure_4_and_prints_table_1(norms_study, tmp_path, caps
                       str(norms_study[1]), "--out", str(out), "--metric", "test_error"]) == 0
     assert png_size(out) == (2250, 660)
     printed = capsys.readouterr().out
-    assert "| IN | 2 | 37.50 (37.00-38.00) | +6.00 | 28.4 |" in printed
+    assert "| IN | 2 | 37.50 \u00b1 0.71 (n=2) | +6.00 | 28.4 |" in printed
 
 
 def test_norms_curves_are_the_mean_over_seeds(norms_study, monkeypatch):

@@ -48,16 +48,41 @@ def record(models, name):
     return json.loads((models / f"{name}.json").read_text())
 
 
+def test_a_record_without_its_model_is_carried_and_marked(trained, cifar_dir, tmp_path):
+    """A finished run whose model was not kept: its row comes from its own record, marked
+    evaluated=record, the command says so and how to train it again; the other is evaluated.
+    Without data at all, the record alone is still written."""
+    folder = tmp_path / "models"
+    shutil.copytree(trained, folder)
+    (folder / "gn_b8_s1.keras").unlink()
+    out = tmp_path / "results.csv"
+    code, stdout, stderr = run_main(reproduce.main, ["--models-dir", str(folder), "--out",
+                                                     str(out), "--data-dir", str(cifar_dir)])
+    assert code == 0 and "1 model(s) evaluated, 1 run(s) from their records" in stdout
+    assert "1 run(s) have a run record but no saved model" in stderr
+    assert "gn_b8_s1: python train.py --norm gn --batch-size 8 --workers 1 --seed 1" in stderr
+    df = pd.read_csv(out).set_index("norm")
+    assert df.loc["gn", "evaluated"] == "record" and df.loc["bn", "evaluated"] == "model"
+    gn = record(trained, "gn_b8_s1")
+    assert df.loc["gn", "test_error"] == round(gn["test_error"], 2)
+    (folder / "bn_b8_s1.keras").unlink()
+    code, stdout, _ = run_main(reproduce.main, ["--models-dir", str(folder), "--out", str(out),
+                                                "--data-dir", str(tmp_path / "no-data")])
+    assert code == 0 and set(pd.read_csv(out)["evaluated"]) == {"record"}
+
+
 # ------------------------------------------------------------------ the good path
 
 def test_results_csv_rows_and_columns(reproduced, trained):
     code, stdout, _, out = reproduced
-    assert code == 0 and f"wrote {out}: 2 model(s)" in stdout
+    assert code == 0 and f"wrote {out}: 2 model(s) evaluated" in stdout
     df = pd.read_csv(out)
     assert list(df.columns) == reproduce.COLUMNS + reproduce.PROVENANCE
-    assert df.columns[:12].tolist() == ["norm", "groups", "channels_per_group", "batch_size",
-                                        "workers", "seed", "epochs", "test_error", "test_loss",
-                                        "median_last5_error", "params", "model"]
+    assert df.columns[:14].tolist() == ["norm", "groups", "channels_per_group", "batch_size",
+                                        "workers", "moving_statistics", "seed", "epochs",
+                                        "test_error", "test_loss", "median_last5_error", "params",
+                                        "model", "evaluated"]
+    assert df.moving_statistics.isna().all() and set(df.evaluated) == {"model"}   # W = 1
     assert df.channels_per_group.isna().all()   # blank: G is fixed
     assert df.norm.tolist() == ["bn", "gn"]
     assert df[["groups", "batch_size", "workers", "seed", "epochs"]].values.tolist() == \

@@ -92,9 +92,9 @@ def sbatch_options():
 
 
 def test_array_covers_the_largest_grid_of_train_py():
-    import train
+    from gnrepro import recipe
     first, last = map(int, sbatch_options()["--array"].split("-"))
-    sizes = {p: len(grid_names("--profile", p)) for p in train.PROFILES}
+    sizes = {p: len(grid_names("--profile", p)) for p in recipe.PROFILES}
     assert (first, last + 1) == (0, max(sizes.values())), sizes
     assert sorted(grid_names()) == list(range(sizes["default"]))
 
@@ -107,13 +107,15 @@ def test_header_requests_a_gpu_requeue_and_a_warning_signal():
     h, m, s = map(int, o["--time"].split(":"))
     signal_name, seconds = o["--signal"].split("@")
     assert signal_name == "B:USR1" and 60 <= int(seconds) < (h * 3600 + m * 60 + s) / 2
-    import train
-    assert re.search(r"^PREEMPTED=(\d+)", TRAIN_SH.read_text(), re.M)[1] == str(train.PREEMPTED)
+    from gnrepro import signals
+    assert re.search(r"^PREEMPTED=(\d+)", TRAIN_SH.read_text(), re.M)[1] == str(signals.PREEMPTED)
 
 
 def test_shellcheck_is_clean():
     need(shutil.which("shellcheck"), "shellcheck is not installed (bash .ci/install-slurm.sh)")
-    result = subprocess.run(["shellcheck", str(TRAIN_SH), str(REPO / ".ci" / "install-slurm.sh")],
+    scripts = [TRAIN_SH, REPO / "gpu.sh", REPO / ".ci" / "install-slurm.sh",
+               *sorted((REPO / "dev").glob("*.sh"))]
+    result = subprocess.run(["shellcheck", *map(str, scripts)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 

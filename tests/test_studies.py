@@ -1,6 +1,6 @@
 """The studies beyond Figure 1 as the paper's questions need them: He et al.'s recipe as a
 control (profile he), the workers study with the step held at 256 images, and one run per
-configuration across profiles (train.provider), found where it is by reproduce.py and plot.py.
+configuration across profiles (recipe.provider), found where it is by reproduce.py and plot.py.
 The numbers below are written out by hand from the papers, not read from train.py."""
 import json
 import re
@@ -13,6 +13,7 @@ import pytest
 
 import reproduce
 import train
+from gnrepro import recipe  # noqa: E402
 from conftest import REPO
 
 
@@ -43,7 +44,7 @@ def test_grid_cli_prints_the_control_and_the_workers_study():
 
 
 def test_the_control_is_he_et_als_recipe_at_paper_scale():
-    (cfg,) = train.grid("he", [1])
+    (cfg,) = recipe.grid("he", [1])
     assert (cfg.norm, cfg.batch_size, cfg.workers, cfg.lr, cfg.epochs) == ("bn", 64, 2, 0.1, 164)
     # 50,000 images in steps of 128: 390 steps an epoch (the last partial one dropped), so
     # the drops after epochs 82 and 123 come at iterations 31,980 and 47,970 of 63,960,
@@ -53,7 +54,7 @@ def test_the_control_is_he_et_als_recipe_at_paper_scale():
 
 
 def test_every_workers_run_is_a_step_of_256_images_at_0_1_or_figure_1s():
-    runs = train.grid("workers", [1])
+    runs = recipe.grid("workers", [1])
     fixed = [c for c in runs if c.workers != 8]
     assert [(c.batch_size, c.workers, c.lr) for c in fixed] == [
         (16, 16, 0.1), (8, 32, 0.1), (4, 64, 0.1), (2, 128, 0.1)]
@@ -73,6 +74,7 @@ def tiny_run(cifar_dir, tmp_path, *args):
     return record
 
 
+@pytest.mark.slow
 def test_a_tiny_control_run_records_he_et_als_rate_step_and_schedule(cifar_dir, tmp_path):
     # 260 of the fixture's images in steps of 128: 2 steps an epoch; 8 epochs, the drops
     # scaled from 82 and 123 of 164 to epochs 4 and 6
@@ -87,6 +89,7 @@ def test_a_tiny_control_run_records_he_et_als_rate_step_and_schedule(cifar_dir, 
     assert [e["lr"] for e in record["history"]] == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
 
 
+@pytest.mark.slow
 def test_a_tiny_workers_run_records_a_step_of_256_at_0_1(cifar_dir, tmp_path):
     # the fixture's 500 images make one step of 256 an epoch; 10 epochs, drops after 3, 6, 9
     record = tiny_run(cifar_dir, tmp_path, "--profile", "workers", "--task", "8", "--epochs", "10",
@@ -102,34 +105,34 @@ def test_a_tiny_workers_run_records_a_step_of_256_at_0_1(cifar_dir, tmp_path):
 
 # --- one run per configuration ---------------------------------------------------------
 
-def test_the_paper_needs_72_runs_once_shared_and_the_readme_says_so():
-    runs = train.paper_runs()
+def test_the_paper_needs_72_runs_once_shared_and_the_docs_say_so():
+    runs = recipe.paper_runs()
     assert len(runs) == len({c.name for c in runs}) == 72
     by = pd.Series([c.profile for c in runs]).value_counts().to_dict()
     assert by == {"default": 30, "workers": 12, "groups": 21, "norms": 6, "he": 3}
-    unshared = sum(len(train.grid(p)) for p, (_, s) in train.PROFILES.items() if s == "paper")
+    unshared = sum(len(recipe.grid(p)) for p, (_, s) in recipe.PROFILES.items() if s == "paper")
     assert unshared == 30 + 3 + 12 + 27 + 30
     # every run is in its provider's grid, under the name it has in every grid that needs it
     for c in runs:
-        assert c in train.grid(c.profile, [c.seed])
-    readme = (REPO / "README.md").read_text()
-    assert re.search(r"\b72 paper-scale runs\b", readme) and re.search(r"\b102\b", readme)
+        assert c in recipe.grid(c.profile, [c.seed])
+    studies = (REPO / "docs" / "studies.md").read_text()
+    assert re.search(r"\b72 distinct paper-scale runs\b", studies) and re.search(r"\b102\b", studies)
 
 
 def test_shared_runs_belong_to_the_first_profile_that_needs_them():
-    norms = train.grid("norms-quick")
-    assert [train.provider(c) for c in norms] == ["quick", "quick", "norms-quick", "norms-quick"]
-    groups = {c.name: train.provider(c) for c in train.grid("groups", [2])}
+    norms = recipe.grid("norms-quick")
+    assert [recipe.provider(c) for c in norms] == ["quick", "quick", "norms-quick", "norms-quick"]
+    groups = {c.name: recipe.provider(c) for c in recipe.grid("groups", [2])}
     assert [n for n, p in groups.items() if p != "groups"] == [
         "ln_b32_w8_s2", "gn_b32_w8_s2", "in_b32_w8_s2"]
     assert {groups[n] for n in ("ln_b32_w8_s2", "in_b32_w8_s2")} == {"norms"}
     # another scale, or another configuration, is nobody else's
-    assert train.provider(replace(norms[0], epochs=3)) == "norms-quick"
+    assert recipe.provider(replace(norms[0], epochs=3)) == "norms-quick"
 
 
 def test_a_provided_task_trains_in_its_providers_folder(monkeypatch, cifar_dir):
     seen = {}
-    monkeypatch.setattr(train, "train_pack", lambda cfgs, data, models, logs, *a, **k: seen.update(
+    monkeypatch.setattr(train, "train", lambda cfgs, data, models, logs, *a, **k: seen.update(
         cfg=cfgs[0], models=models, logs=logs) or 0)
     data = ["--data-dir", str(cifar_dir)]
     assert train.main(["--profile", "norms", "--task", "5", *data]) == 0   # gn_b32_w8_s2
@@ -145,19 +148,19 @@ def test_a_provided_task_trains_in_its_providers_folder(monkeypatch, cifar_dir):
 def test_old_records_and_checkpoints_still_match_their_configuration(tmp_path):
     from gnrepro import runfiles
     from dataclasses import asdict
-    cfg = train.Config(norm="gn", batch_size=8, epochs=100)
+    cfg = recipe.Config(norm="gn", batch_size=8, epochs=100)
     old = {k: v for k, v in asdict(cfg).items() if k not in ("learning_rate", "schedule")}
     paths = runfiles.Paths(tmp_path, tmp_path, cfg.name)
     paths.model.write_text("a model")
     runfiles.write_json(paths.record, {"config": {"run": old}})
-    assert runfiles.finished_record(paths, asdict(cfg), asdict(train.Config()))
+    assert runfiles.finished_record(paths, asdict(cfg), recipe.run_identity)
 
 
 def test_a_rate_equal_to_the_rule_is_the_rule():
-    assert train.Config(batch_size=32, learning_rate=0.1) == train.Config(batch_size=32)
-    assert train.Config(batch_size=16, learning_rate=0.1).name == "gn_b16_lr0.1_s1"
+    assert recipe.Config(batch_size=32, learning_rate=0.1) == recipe.Config(batch_size=32)
+    assert recipe.Config(batch_size=16, learning_rate=0.1).name == "gn_b16_lr0.1_s1"
     with pytest.raises(ValueError, match="schedule should be one of"):
-        train.Config(schedule="cosine")
+        recipe.Config(schedule="cosine")
 
 
 def fake_run(folder, cfg):
@@ -172,9 +175,9 @@ def fake_run(folder, cfg):
 
 def test_reproduce_finds_a_profiles_shared_runs_where_they_are(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for cfg in train.grid("quick", [1, 2]) + train.grid("norms-quick", [1]):
-        fake_run(tmp_path / train.profile_paths(train.provider(cfg))["models_dir"],
-                 replace(cfg, profile=train.provider(cfg)))
+    for cfg in recipe.grid("quick", [1, 2]) + recipe.grid("norms-quick", [1]):
+        fake_run(tmp_path / recipe.profile_paths(recipe.provider(cfg))["models_dir"],
+                 replace(cfg, profile=recipe.provider(cfg)))
     shared = sorted(str(p) for p in reproduce.shared_models("norms-quick"))
     assert shared == [f"models/quick/{n}_b32_s{s}.keras" for n in ("bn", "gn") for s in (1, 2)]
     own = [str(p) for p in reproduce.find_models("models/norms-quick")]
@@ -187,4 +190,4 @@ def test_reproduce_takes_a_profile_or_a_folder_not_both(capsys):
         reproduce.parse_args(["--profile", "norms", "--models-dir", "x"])
     assert "give --profile" in capsys.readouterr().err
     args = reproduce.parse_args(["--profile", "norms-quick"])
-    assert (args.models_dir, args.out) == ("models/norms-quick", "results-norms-quick.csv")
+    assert (args.models_dir, args.out) == ("models/norms-quick", "results/norms-quick/results.csv")

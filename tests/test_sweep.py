@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO
 
 from gnrepro import sweep  # noqa: E402
-import train  # noqa: E402
+import train  # noqa: E402,F401
+from gnrepro import launch, recipe, signals  # noqa: E402
 
 
 class Stop:
@@ -21,11 +22,11 @@ class Stop:
 
 def fake(task, code=0, seconds=0.0):
     """A command that prints 'ran TASK', takes `seconds`, exits with `code`; SIGUSR1 makes it
-    exit with train.PREEMPTED, as train.py does after its checkpoint."""
+    exit with signals.PREEMPTED, as train.py does after its checkpoint."""
     script = (f"import signal, sys, time\n"
               f"def checkpoint(*a):\n"
               f"    print('{task} got SIGUSR1', flush=True)\n"
-              f"    sys.exit({train.PREEMPTED})\n"
+              f"    sys.exit({signals.PREEMPTED})\n"
               f"signal.signal(signal.SIGUSR1, checkpoint)\n"
               f"print('ran {task}', flush=True)\n"
               f"time.sleep({seconds})\n"
@@ -79,7 +80,7 @@ def test_a_stop_signals_the_running_entries_and_starts_no_more(capsys):
     stop = Stop()
     commands = {t: fake(t, seconds=60) for t in (1, 2, 3)}
     threading.Timer(1.5, lambda: setattr(stop, "requested", "SIGINT")).start()
-    assert sweep.run_entries(commands, jobs=2, stop=stop, label="profile x") == train.PREEMPTED
+    assert sweep.run_entries(commands, jobs=2, stop=stop, label="profile x") == signals.PREEMPTED
     out = capsys.readouterr().out
     assert "ran 3" not in out and sorted(l for l in out.splitlines() if l.startswith("ran ")) == \
         ["ran 1", "ran 2"]
@@ -112,7 +113,7 @@ def test_each_entry_gets_the_sweeps_arguments_in_the_order_of_its_batch_size(mon
     (["--channels-per-group", "4"], "--channels-per-group: a sweep runs every entry"),
     (["--profile", "quick", "--epochs", "2"], "--epochs changes the quick profile's scale: give "
      "--models-dir --results --plot of your own too, so that its files (models/quick, "
-     "results-quick.csv, plot-quick.png) are not replaced"),
+     "results/quick/results.csv, results/quick/plot.png) are not replaced"),
     (["--train-images", "9", "--models-dir", "m"], "give --results --plot of your own too"),
 ])
 def test_errors_name_the_argument(args, message, capsys):
@@ -135,19 +136,20 @@ def test_train_py_hands_a_whole_profile_to_sweep_py():
 
 @pytest.mark.parametrize("profile, expected", [
     ("default", ["models", "logs", "results.csv", "plot.png", "curves.png"]),
-    ("groups-quick", ["models/groups-quick", "logs/groups-quick", "results-groups-quick.csv",
-                      "plot-groups-quick.png", "curves-groups-quick.png"]),
+    ("groups-quick", ["models/groups-quick", "logs/groups-quick",
+                      "results/groups-quick/results.csv", "results/groups-quick/plot.png",
+                      "results/groups-quick/curves.png"]),
 ])
 def test_each_profile_has_its_own_files(profile, expected):
-    paths = train.profile_paths(profile)
+    paths = recipe.profile_paths(profile)
     assert [paths[k] for k in ("models_dir", "logs_dir", "results", "plot", "curves")] == expected
-    _, args = train.parse_args(["--profile", profile, "--plot", "out/plot-x.png"])
-    assert train.profile_paths(profile, args)["curves"] == "out/curves-x.png"
+    _, args = recipe.parse_args(["--profile", profile, "--plot", "out/plot-x.png"])
+    assert recipe.profile_paths(profile, args)["curves"] == "out/curves-x.png"
 
 
 def test_seeds_renumber_the_grid_and_reach_every_entry(monkeypatch, data_found):
-    assert [c.name for c in train.grid("norms-quick", seeds=[2, 3])][3:5] == ["in_b32_s2", "bn_b32_s3"]
-    cfg = train.resolve(*train.parse_args(["--profile", "quick", "--seeds", "2 3", "--task", "12"]))
+    assert [c.name for c in recipe.grid("norms-quick", seeds=[2, 3])][3:5] == ["in_b32_s2", "bn_b32_s3"]
+    cfg = recipe.resolve(*recipe.parse_args(["--profile", "quick", "--seeds", "2 3", "--task", "12"]))
     assert cfg.name == "bn_b8_s3"
     seen = {}
     monkeypatch.setattr(sweep, "run_entries",
@@ -160,7 +162,7 @@ def test_seeds_renumber_the_grid_and_reach_every_entry(monkeypatch, data_found):
 @pytest.mark.parametrize("seeds", ["2 2", "-1", ""])
 def test_bad_seeds_are_refused(seeds, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--profile", "quick", "--seeds", seeds])
+        recipe.parse_args(["--profile", "quick", "--seeds", seeds])
     assert "--seeds should be distinct non-negative integers" in capsys.readouterr().err
 
 
@@ -169,8 +171,8 @@ def test_a_stop_before_the_hand_over_starts_nothing(capsys):
     stop = Stop()
     stop.requested = "SIGTERM"
     with pytest.raises(SystemExit) as e:
-        train.hand_over(["--profile", "quick"], stop)
-    assert e.value.code == train.PREEMPTED and "stopped by SIGTERM" in capsys.readouterr().out
+        launch.hand_over(["--profile", "quick"], stop)
+    assert e.value.code == signals.PREEMPTED and "stopped by SIGTERM" in capsys.readouterr().out
 
 
 def test_a_signal_during_the_hand_over_is_kept_and_starts_nothing(cifar_dir):
@@ -183,7 +185,7 @@ def test_a_signal_during_the_hand_over_is_kept_and_starts_nothing(cifar_dir):
               f"'--profile', 'quick', '--data-dir', {str(cifar_dir)!r}])")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == train.PREEMPTED, result.stderr
+    assert result.returncode == signals.PREEMPTED, result.stderr
     assert "stopped by SIGTERM" in result.stdout and "train.py --task" not in result.stdout
 
 

@@ -10,13 +10,14 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_same_arrays
 
 import keras  # noqa: E402
 import layer  # noqa: E402
 from gnrepro import cifar10  # noqa: E402
 from gnrepro import runfiles  # noqa: E402
 import train  # noqa: E402
+from gnrepro import recipe, signals  # noqa: E402
 
 
 # --- the model -------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def builder_norm(norm, channels):
 def test_ln_equals_keras_layer_normalization_over_hwc():
     x = np.random.default_rng(0).normal(3, 2, size=(4, 8, 8, 32)).astype(np.float32)
     ours = grad_and_value(builder_norm("ln", 32), x)
-    keras_ln = keras.layers.LayerNormalization(axis=(1, 2, 3), epsilon=train.EPSILON)
+    keras_ln = keras.layers.LayerNormalization(axis=(1, 2, 3), epsilon=recipe.EPSILON)
     theirs = grad_and_value(keras_ln, x)
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, atol=2e-5)
@@ -190,7 +191,7 @@ def test_in_equals_instance_normalization_per_channel():
     ours = grad_and_value(builder_norm("in", 16), x)
     probe = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
     xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)   # torch is NCHW
-    yt = torch.nn.functional.instance_norm(xt, eps=train.EPSILON)
+    yt = torch.nn.functional.instance_norm(xt, eps=recipe.EPSILON)
     (yt * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
     theirs = (yt.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1))
     for a, b in zip(ours, theirs):
@@ -210,10 +211,10 @@ def test_deeper_resnet_builds():
 # --- the recipe and the grid -------------------------------------------------------------
 
 def test_learning_rate_rule_and_schedule():
-    assert [train.Config(batch_size=n).lr for n in (32, 16, 2)] == [0.1, 0.05, 0.00625]
-    assert train.Config(epochs=100).lr_drops == [30, 60, 90]
-    assert train.Config(epochs=10).lr_drops == [3, 6, 9]
-    cfg = train.Config(norm="bn", batch_size=8, epochs=10)
+    assert [recipe.Config(batch_size=n).lr for n in (32, 16, 2)] == [0.1, 0.05, 0.00625]
+    assert recipe.Config(epochs=100).lr_drops == [30, 60, 90]
+    assert recipe.Config(epochs=10).lr_drops == [3, 6, 9]
+    cfg = recipe.Config(norm="bn", batch_size=8, epochs=10)
     model = train.build_resnet20("bn")
     train.compile_model(model, cfg, steps_per_epoch=5)
     sched = model.optimizer._learning_rate   # the PiecewiseConstantDecay schedule
@@ -222,18 +223,44 @@ def test_learning_rate_rule_and_schedule():
     assert model.optimizer.momentum == 0.9
 
 
+@pytest.mark.parametrize("epochs, paper, he", [
+    (1, [], []), (2, [1], [1]), (3, [1, 2], [1, 2]), (4, [1, 2, 3], [2, 3]),
+    (5, [2, 3, 4], [2, 4]), (30, [9, 18, 27], [15, 22]), (100, [30, 60, 90], [50, 75]),
+    (164, [49, 98, 148], [82, 123])])
+def test_scaled_drops_are_increasing_and_each_phase_lasts_an_epoch(epochs, paper, he):
+    """Drops scaled to a shorter run stay strictly increasing, with at least one epoch in each
+    phase; a run too short for all of them keeps its first epochs - 1 (2 epochs: one drop,
+    after the first; the old rule gave [1, 1, 2], a fall of 100x after epoch 1)."""
+    assert recipe.Config(epochs=epochs).lr_drops == paper
+    assert recipe.Config(epochs=epochs, schedule="he").lr_drops == he
+    for drops in (paper, he):
+        assert all(a < b for a, b in zip([0, *drops], [*drops, epochs]))   # each phase >= 1
+
+
+def test_a_two_epoch_run_falls_once_by_ten(cifar_dir, tmp_path):
+    """python train.py --norm bn --batch-size 2 --epochs 2 ...: 0.1 * 2 / 32, then a tenth."""
+    assert train.main(["--norm", "bn", "--batch-size", "2", "--workers", "8", "--epochs", "2",
+                       "--train-images", "160", "--test-images", "100", "--data-dir",
+                       str(cifar_dir), "--models-dir", str(tmp_path), "--logs-dir",
+                       str(tmp_path / "logs")]) == 0
+    record = json.loads((tmp_path / "bn_b2_w8_s1.json").read_text())
+    assert record["config"]["lr_drops"] == [1]
+    assert [e["lr"] for e in record["history"]] == pytest.approx([0.00625, 0.000625])
+    assert record["config"]["moving_statistics"] == "first"
+
+
 def test_grid_is_seed_major():
-    entries = train.grid()
+    entries = recipe.grid()
     assert len(entries) == 30 and len({c.name for c in entries}) == 30
     assert [c.name for c in entries[:10]] == [f"{n}_b{b}_w8_s1" for n in ("bn", "gn")
                                               for b in (32, 16, 8, 4, 2)]
     assert {c.seed for c in entries[10:20]} == {2} and all(c.epochs == 100 for c in entries)
-    quick = train.grid("quick")
+    quick = recipe.grid("quick")
     assert len(quick) == 10 and all(c.profile == "quick" and c.train_images for c in quick)
 
 
 def test_study_grids():
-    names = {p: [c.name for c in train.grid(p)] for p in train.PROFILES}
+    names = {p: [c.name for c in recipe.grid(p)] for p in recipe.PROFILES}
     assert names["norms-quick"] == ["bn_b32_s1", "gn_b32_s1", "ln_b32_s1", "in_b32_s1"]
     assert names["norms"][:4] == ["bn_b32_w8_s1", "gn_b32_w8_s1", "ln_b32_w8_s1", "in_b32_w8_s1"]
     # G = 1 is LN and C / G = 1 is IN: the same model, named (and trained) as the norms study's
@@ -245,11 +272,11 @@ def test_study_grids():
     assert [len(names[p]) for p in ("he", "norms", "groups", "workers")] == [3, 12, 30, 27]
     for p, entries in names.items():
         assert len(set(entries)) == len(entries), p
-        study, scale = train.PROFILES[p]
+        study, scale = recipe.PROFILES[p]
         full = 164 if study == "he" else 100
-        assert all(c.profile == p and c.epochs == (train.SCALES[scale]["epochs"] or full)
-                   for c in train.grid(p))
-    groups = train.grid("groups-quick")
+        assert all(c.profile == p and c.epochs == (recipe.SCALES[scale]["epochs"] or full)
+                   for c in recipe.grid(p))
+    groups = recipe.grid("groups-quick")
     assert [(c.norm, c.groups, c.channels_per_group) for c in groups[3:7]] == \
         [("gn", 8, None), ("gn", 16, None), ("in", 8, None), ("gn", 8, 2)]
 
@@ -266,7 +293,7 @@ def test_grid_cli_names_each_entrys_group_division():
 
 def test_channels_per_group_and_groups_on_the_command_line():
     def cfg(*args):
-        return train.resolve(*train.parse_args(list(args)))
+        return recipe.resolve(*recipe.parse_args(list(args)))
     assert cfg("--profile", "groups-quick", "--task", "6").name == "gn_c2_b32_s1"
     assert cfg("--profile", "groups-quick", "--task", "6", "--groups", "4").name == "gn_g4_b32_s1"
     assert cfg("--norm", "gn", "--batch-size", "8", "--channels-per-group", "4").name == \
@@ -282,16 +309,16 @@ def test_channels_per_group_and_groups_on_the_command_line():
 
 def test_records_and_checkpoints_from_before_channels_per_group_still_match(tmp_path):
     from gnrepro import runfiles
-    cfg = train.Config(norm="gn", batch_size=8)
+    cfg = recipe.Config(norm="gn", batch_size=8)
     old = {k: v for k, v in asdict(cfg).items()
            if k != "channels_per_group"}
     paths = runfiles.Paths(tmp_path, tmp_path, cfg.name)
     paths.model.write_text("a model")
     runfiles.write_json(paths.record, {"config": {"run": old}})
     current = asdict(cfg)
-    assert runfiles.finished_record(paths, current, asdict(train.Config()))
+    assert runfiles.finished_record(paths, current, recipe.run_identity)
     with pytest.raises(SystemExit, match="was trained with another configuration"):
-        runfiles.finished_record(paths, current)   # without the defaults: another one
+        runfiles.finished_record(paths, current)   # compared as stored: another one
 
 
 def run_train(*args, **kwargs):
@@ -307,8 +334,8 @@ def test_grid_cli_lists_the_grid():
 
 
 def test_task_selects_grid_entry_and_overrides():
-    p, args = train.parse_args(["--task", "7", "--epochs", "2"])
-    cfg = train.resolve(p, args)
+    p, args = recipe.parse_args(["--task", "7", "--epochs", "2"])
+    cfg = recipe.resolve(p, args)
     assert (cfg.norm, cfg.batch_size, cfg.seed, cfg.epochs) == ("gn", 8, 1, 2)
 
 
@@ -421,6 +448,7 @@ def test_tensorboard_scalars_are_readable(reference):
     assert {"train/loss", "train/error", "test/loss", "lr"} <= set(events.Tags()["tensors"])
 
 
+@pytest.mark.slow
 def test_same_arguments_give_same_weights(reference, cifar_dir, tmp_path):
     root, _ = reference
     assert run_train(*run_args(cifar_dir, tmp_path)).returncode == 0
@@ -442,6 +470,7 @@ def start_and_interrupt(args, sig):
     return proc.wait(timeout=120), "".join(output)
 
 
+@pytest.mark.slow
 def test_sigkill_in_epoch_2_then_resume_gives_same_weights(reference, cifar_dir, tmp_path):
     root, _ = reference
     code, out = start_and_interrupt(run_args(cifar_dir, tmp_path), signal.SIGKILL)
@@ -455,10 +484,11 @@ def test_sigkill_in_epoch_2_then_resume_gives_same_weights(reference, cifar_dir,
     assert [e["epoch"] for e in record["history"]] == [1, 2, 3] and record["resumed"] == 1
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_mid_epoch_and_resumes_exactly(reference, cifar_dir, tmp_path):
     root, _ = reference
     code, out = start_and_interrupt(run_args(cifar_dir, tmp_path), signal.SIGUSR1)
-    assert code == train.PREEMPTED, out[-3000:]
+    assert code == signals.PREEMPTED, out[-3000:]
     assert "received SIGUSR1" in out and "checkpointed at epoch 2, step " in out
     step = int(out.split("checkpointed at epoch 2, step ")[1].split()[0])
     assert 0 < step < 125
@@ -505,6 +535,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 # --- real images -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_learns_on_the_jpeg_copy_of_cifar10(jpeg_cifar_dir, tmp_path):
     """3 epochs of BN at batch 32 on 5,000 real images: well under chance (90 %) error."""
     result = run_train("--norm", "bn", "--batch-size", "32", "--workers", "1", "--epochs", "3",
@@ -517,6 +548,7 @@ def test_learns_on_the_jpeg_copy_of_cifar10(jpeg_cifar_dir, tmp_path):
     assert record["test_error"] < 75
 
 
+@pytest.mark.slow
 def test_profile_runs_every_entry_then_reproduce_and_plot(cifar_dir, tmp_path):
     """The main job end to end (--profile quick, shrunk to 1 epoch on the tiny fixture)."""
     result = run_train("--profile", "quick", "--epochs", "1", "--train-images", "100",
@@ -528,6 +560,75 @@ def test_profile_runs_every_entry_then_reproduce_and_plot(cifar_dir, tmp_path):
     import pandas as pd
     table = pd.read_csv(tmp_path / "results.csv")
     names = sorted(os.path.basename(m) for m in table["model"])
-    assert names == sorted(f"{c.name}.keras" for c in train.grid("quick"))
+    assert names == sorted(f"{c.name}.keras" for c in recipe.grid("quick"))
     assert set(table["epochs"]) == {1} and set(table["workers"]) == {1}
     assert (tmp_path / "plot.png").stat().st_size > 10_000 and (tmp_path / "curves.png").exists()
+
+
+# --- BN's moving statistics: the rule a run started with -------------------------------------
+
+class AfterFirstCheckpoint:
+    """A stop request that arrives with the first checkpoint in `folder`."""
+    def __init__(self, folder):
+        self.folder = folder
+
+    requested = property(lambda self: bool(list(self.folder.glob("checkpoints/*.npz"))))
+
+
+def bn_run(cifar_dir, root, *extra):
+    return ["--norm", "bn", "--batch-size", "2", "--workers", "8", "--epochs", "2",
+            "--train-images", "160", "--test-images", "100", "--data-dir", str(cifar_dir),
+            "--models-dir", str(root), "--logs-dir", str(root / "logs"), *extra]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_the_rule_resumes_with_the_mean_it_started_with(cifar_dir,
+                                                                                 tmp_path, capsys):
+    """A checkpoint written before the rule could be chosen (its state has no
+    moving_statistics) was trained with the mean over the workers: the default command
+    resumes it with that rule, to the weights of an uninterrupted run of that rule, and its
+    record and results.csv say so."""
+    whole = tmp_path / "whole"
+    assert train.main(bn_run(cifar_dir, whole, "--moving-statistics", "mean")) == 0
+    stopped = tmp_path / "stopped"
+    args = bn_run(cifar_dir, stopped, "--moving-statistics", "mean")
+    assert train.main(args, stop=AfterFirstCheckpoint(stopped)) == signals.PREEMPTED
+    old = stopped / "checkpoints" / "bn_b2_w8_s1.npz"   # as the earlier train.py named it
+    with np.load(stopped / "checkpoints" / "bn_b2_w8_meanstats_s1.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    state = json.loads(str(arrays["state"]))
+    del state["config"]["moving_statistics"]
+    arrays["state"] = np.array(json.dumps(state))
+    with open(old, "wb") as f:
+        np.savez(f, **arrays)
+    (stopped / "checkpoints" / "bn_b2_w8_meanstats_s1.npz").unlink()
+    capsys.readouterr()
+    assert train.main(bn_run(cifar_dir, stopped)) == 0   # today's default asks for "first"
+    out = capsys.readouterr().out
+    assert "bn_b2_w8_s1: its checkpoint was trained with moving statistics 'mean'" in out
+    assert "resuming at epoch 2" in out
+    record = json.loads((stopped / "bn_b2_w8_s1.json").read_text())
+    assert record["config"]["moving_statistics"] == record["config"]["run"]["moving_statistics"] \
+        == "mean"
+    assert_same_arrays(stopped / "bn_b2_w8_s1.keras", whole / "bn_b2_w8_meanstats_s1.keras")
+    import pandas as pd
+    import reproduce
+    assert reproduce.main(["--models-dir", str(stopped), "--out", str(tmp_path / "r.csv"),
+                           "--data-dir", str(cifar_dir)]) == 0
+    assert pd.read_csv(tmp_path / "r.csv")["moving_statistics"].tolist() == ["mean"]
+
+
+def test_each_rule_is_its_own_run():
+    first = recipe.Config(norm="bn", batch_size=2, workers=8)
+    mean = recipe.Config(norm="bn", batch_size=2, workers=8, moving_statistics="mean")
+    assert (first.name, mean.name) == ("bn_b2_w8_s1", "bn_b2_w8_meanstats_s1") and first != mean
+    # where there is one slice (W = 1) or no BN, the rules agree: one configuration
+    assert recipe.Config(norm="bn", workers=1, moving_statistics="mean") == recipe.Config(norm="bn")
+    assert recipe.Config(norm="gn", workers=8, moving_statistics="mean").name == "gn_b32_w8_s1"
+    # a record of an earlier version (no such key, and --jit-compile's) is the mean's
+    old = {k: v for k, v in asdict(mean).items() if k != "moving_statistics"} | {"jit_compile": False}
+    assert recipe.stored_config(old) == mean
+    assert recipe.run_identity(old) == recipe.run_identity(asdict(first))
+    _, args = recipe.parse_args(["--norm", "bn", "--batch-size", "2", "--workers", "8",
+                                 "--moving-statistics", "mean"])
+    assert recipe.resolve(None, args) == mean

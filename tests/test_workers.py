@@ -1,8 +1,10 @@
 """The paper's batch size per worker: W simulated workers in one model (WorkerBatchNormalization),
 and K devices under TensorFlow's MirroredStrategy giving the same experiment."""
 import json
+import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import keras  # noqa: E402
 from gnrepro import backends  # noqa: E402
 import layer  # noqa: E402
 import train  # noqa: E402
+from gnrepro import recipe  # noqa: E402
 
 
 def randomize(model, seed=0):
@@ -44,31 +47,62 @@ def moving(model):
 
 # --- the layer -------------------------------------------------------------------------
 
-def test_worker_bn_matches_a_float64_reference():
+@pytest.mark.parametrize("rule", ["first", "mean"])
+def test_worker_bn_matches_a_float64_reference(rule):
+    """Three training steps: each worker's slice normalized with its own statistics; the moving
+    mean and variance an exponential average of the first worker's statistics (the default,
+    as the paper's code keeps them) or of the mean over the workers ("mean")."""
     workers, momentum, eps = 4, 0.9, 1e-5
     rng = np.random.default_rng(0)
-    x = rng.normal(2, 3, (8, 3, 3, 5)).astype(np.float32)
-    bn = layer.WorkerBatchNormalization(workers=workers, momentum=momentum, epsilon=eps)
-    bn.build(x.shape)
+    bn = layer.WorkerBatchNormalization(workers=workers, momentum=momentum, epsilon=eps,
+                                        **({} if rule == "first" else dict(moving_statistics=rule)))
+    bn.build((8, 3, 3, 5))
     gamma, beta, mean0, var0 = (rng.normal(0, 1, 5), rng.normal(0, 1, 5),
                                 rng.normal(0, 1, 5), rng.uniform(0.5, 2, 5))
     bn.set_weights([a.astype(np.float32) for a in (gamma, beta, mean0, var0)])
-    y = to_np(bn(x, training=True))
-
-    s = x.astype(np.float64).reshape(workers, -1, 3, 3, 5)
-    mu, var = s.mean(axis=(1, 2, 3), keepdims=True), s.var(axis=(1, 2, 3), keepdims=True)
-    want = ((s - mu) / np.sqrt(var + eps) * gamma + beta).reshape(x.shape)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-    # Moving statistics: updated from the mean over the slices of the per-slice statistics.
-    np.testing.assert_allclose(bn.moving_mean.numpy(),
-                               momentum * mean0 + (1 - momentum) * mu.mean(axis=0).ravel(), atol=1e-6)
-    np.testing.assert_allclose(bn.moving_variance.numpy(),
-                               momentum * var0 + (1 - momentum) * var.mean(axis=0).ravel(), atol=1e-6)
+    want_mean, want_var = mean0.copy(), var0.copy()
+    for step in range(3):
+        x = rng.normal(2 + step, 3, (8, 3, 3, 5)).astype(np.float32)
+        y = to_np(bn(x, training=True))
+        s = x.astype(np.float64).reshape(workers, -1, 3, 3, 5)
+        mu, var = s.mean(axis=(1, 2, 3), keepdims=True), s.var(axis=(1, 2, 3), keepdims=True)
+        want = ((s - mu) / np.sqrt(var + eps) * gamma + beta).reshape(x.shape)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        mu, var = mu.reshape(workers, 5), var.reshape(workers, 5)
+        mu, var = (mu[0], var[0]) if rule == "first" else (mu.mean(axis=0), var.mean(axis=0))
+        want_mean = momentum * want_mean + (1 - momentum) * mu
+        want_var = momentum * want_var + (1 - momentum) * var
+    np.testing.assert_allclose(bn.moving_mean.numpy(), want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), want_var, rtol=1e-5, atol=1e-6)
     # Inference: the moving statistics, whatever the batch.
     after_mean, after_var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
     np.testing.assert_allclose(to_np(bn(x[:3], training=False)),
                                (x[:3] - after_mean) / np.sqrt(after_var + eps) * gamma + beta,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_rule_is_saved_and_an_old_model_loads_and_predicts_as_before(tmp_path):
+    """moving_statistics is in the layer's config; a model saved before the layer had it (no
+    such key) loads, and inference does not depend on the rule."""
+    import reproduce
+    model = train.build_resnet20("bn", workers=4, moving_statistics="mean")
+    randomize(model)
+    model.save(tmp_path / "new.keras")
+    assert reproduce.load_model(tmp_path / "new.keras").get_layer("stem_norm").moving_statistics \
+        == "mean"
+    old = tmp_path / "old.keras"   # the same file with the key taken out of every layer's config
+    with zipfile.ZipFile(tmp_path / "new.keras") as z, zipfile.ZipFile(old, "w") as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename == "config.json":
+                data = re.sub(rb', "moving_statistics": "mean"', b"", data)
+                assert b"moving_statistics" not in data
+            out.writestr(item, data)
+    loaded = reproduce.load_model(old)
+    x = images(6)
+    np.testing.assert_array_equal(to_np(loaded(x, training=False)), to_np(model(x, training=False)))
+    with pytest.raises(ValueError, match="moving_statistics should be one of"):
+        layer.WorkerBatchNormalization(workers=2, moving_statistics="last")
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
@@ -92,8 +126,14 @@ def test_two_workers_on_a_concatenation_equal_one_worker_on_each_half(norm):
         np.testing.assert_allclose(out, np.concatenate([out_a, out_b]), rtol=0, atol=5e-6)
     else:
         np.testing.assert_array_equal(out, np.concatenate([out_a, out_b]))
-    # and the moving statistics move by the mean of the two workers' updates
+    # and the moving statistics move by the first worker's update (the default rule)
     for path, value in moving(two).items():
+        np.testing.assert_allclose(value, moved_a[path], atol=1e-6)
+    # or, with the other rule, by the mean of the two workers' updates
+    mean = train.build_resnet20(norm, workers=2, moving_statistics="mean")
+    mean.set_weights(start)
+    np.testing.assert_array_equal(to_np(mean(np.concatenate([a, b]), training=True)), out)
+    for path, value in moving(mean).items():
         np.testing.assert_allclose(value, (moved_a[path] + moved_b[path]) / 2, atol=1e-6)
     if norm == "bn":
         assert moving(two) and not np.allclose(out, to_np(one(np.concatenate([a, b]), training=True)))
@@ -121,11 +161,15 @@ def test_builder_layers_per_device():
     per_replica = 4 if keras.backend.backend() == "tensorflow" else 8
     assert kinds(train.build_resnet20("bn", workers=8, devices=2)) == {("WorkerBatchNormalization",
                                                                         per_replica)}
-    # one slice per device is still the worker layer: its moving statistics are averaged
-    # over the devices, where Keras' BN would keep one device's
+    # one slice per device is still the worker layer: its moving statistics are the first
+    # replica's (whose first slice is the batch's first), or with the other rule averaged
+    # over the devices; Keras' BN would keep an arbitrary device's
     assert kinds(train.build_resnet20("bn", workers=2, devices=2)) == {
         ("WorkerBatchNormalization", per_replica // 4)}
     bn = train.build_resnet20("bn", workers=2, devices=2).get_layer("stem_norm")
+    assert {v.aggregation for v in bn.non_trainable_weights} == {"only_first_replica"}
+    bn = train.build_resnet20("bn", workers=2, devices=2,
+                              moving_statistics="mean").get_layer("stem_norm")
     assert {v.aggregation for v in bn.non_trainable_weights} == {"mean"}
     assert sum(int(np.prod(w.shape)) for w in train.build_resnet20("bn", workers=8).trainable_weights) \
         == 272_474
@@ -164,23 +208,23 @@ def test_layer_errors():
 # --- the recipe, the grid and the command line ---------------------------------------
 
 def test_default_sweep_is_the_papers_eight_workers():
-    assert train.WORKERS == 8 and train.SCALES["paper"]["workers"] == train.WORKERS
-    entries = train.grid()
+    assert recipe.WORKERS == 8 and recipe.SCALES["paper"]["workers"] == recipe.WORKERS
+    entries = recipe.grid()
     assert {c.workers for c in entries} == {8}
     assert [c.name for c in entries[:10]] == [f"{n}_b{b}_w8_s1" for n in ("bn", "gn")
                                               for b in (32, 16, 8, 4, 2)]
-    quick = train.SCALES["quick"]["workers"]
-    assert {c.workers for c in train.grid("quick")} == {quick}
+    quick = recipe.SCALES["quick"]["workers"]
+    assert {c.workers for c in recipe.grid("quick")} == {quick}
 
 
 def test_learning_rate_is_per_worker_whatever_w():
     for workers in (1, 2, 8):
-        assert [train.Config(batch_size=n, workers=workers).lr for n in (32, 4, 2)] == \
+        assert [recipe.Config(batch_size=n, workers=workers).lr for n in (32, 4, 2)] == \
             [0.1, 0.0125, 0.00625]
 
 
 def test_step_takes_w_times_n_images():
-    cfg = train.Config(norm="bn", batch_size=4, workers=8)
+    cfg = recipe.Config(norm="bn", batch_size=4, workers=8)
     model = train.build_resnet20("bn", workers=8)
     train.compile_model(model, cfg, steps_per_epoch=10)
     backend = keras.backend.backend()
@@ -192,8 +236,8 @@ def test_step_takes_w_times_n_images():
 
 
 def resolve(*argv):
-    p, args = train.parse_args(list(argv))
-    return train.resolve(p, args)
+    p, args = recipe.parse_args(list(argv))
+    return recipe.resolve(p, args)
 
 
 def test_cli_workers():
@@ -201,7 +245,7 @@ def test_cli_workers():
     assert resolve("--task", "3", "--workers", "2").name == "bn_b4_w2_s1"
     assert resolve("--norm", "gn", "--batch-size", "4").name == "gn_b4_w8_s1"
     assert resolve("--norm", "gn", "--batch-size", "4", "--workers", "1").name == "gn_b4_s1"
-    assert resolve("--profile", "quick", "--task", "0").workers == train.SCALES["quick"]["workers"]
+    assert resolve("--profile", "quick", "--task", "0").workers == recipe.SCALES["quick"]["workers"]
     assert resolve("--task", "3", "--devices", "4").workers == 8
 
 
@@ -277,6 +321,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import train
+from gnrepro import signals
 cifar, root = sys.argv[1:]
 run = ["--norm", "bn", "--batch-size", "2", "--workers", "4", "--epochs", "2", "--train-images",
        "10", "--test-images", "10", "--data-dir", cifar, "--logs-dir", root + "/logs"]
@@ -286,7 +331,7 @@ class AfterFirstCheckpoint:   # a stop request that arrives with epoch 1's check
 
 assert train.main([*run, "--devices", "1", "--models-dir", root + "/one"]) == 0
 two = [*run, "--devices", "2", "--models-dir", root + "/two"]
-assert train.main(two, stop=AfterFirstCheckpoint()) == train.PREEMPTED
+assert train.main(two, stop=AfterFirstCheckpoint()) == signals.PREEMPTED
 sys.exit(train.main(two))
 """
 
@@ -307,6 +352,7 @@ def saved(root, folder):
     return keras.models.load_model(f"{path}.keras"), json.loads(path.with_suffix(".json").read_text())
 
 
+@pytest.mark.slow
 def test_two_devices_resumed_give_the_weights_of_one(mirrored):
     root, out = mirrored
     assert "MirroredStrategy over /device:CPU:0, /device:CPU:1, 2 worker(s) of 2 images" in out

@@ -1,0 +1,94 @@
+"""What the front page shows stays true: the README's example of the layer and the builder runs
+as it is written, and every results table in README.md and docs/ is what `python plot.py
+--tables` makes from the results files (so no number in them is typed by hand)."""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, user_env
+
+import plot  # noqa: E402
+
+EXAMPLE = re.compile(r"<!-- example: run by tests/test_readme.py -->\s*```python\n(.*?)```", re.S)
+
+
+def readme_example(text):
+    found = EXAMPLE.findall(text)
+    assert len(found) == 1, "README.md holds one example marked for this test"
+    return found[0]
+
+
+def test_the_readmes_example_runs_as_written(tmp_path):
+    code = readme_example((REPO / "README.md").read_text())
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                            env=user_env(PYTHONPATH=REPO), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_wrong_example_fails(tmp_path):
+    """The test above can fail: the same example with 5 groups (which do not divide 16
+    channels) stops with the builder's own error."""
+    code = readme_example((REPO / "README.md").read_text())
+    broken = code.replace("groups=8", "groups=5", 1)
+    assert broken != code
+    result = subprocess.run([sys.executable, "-c", broken], cwd=tmp_path,
+                            env=user_env(PYTHONPATH=REPO), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "groups should divide every stage's width" in result.stderr
+
+
+def test_the_tables_are_what_the_results_files_give():
+    assert plot.update_tables(check=True) == []
+    names = {m.group(2) for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+             for m in plot.BLOCK.finditer(doc.read_text())}
+    assert names == set(plot.TABLES), "every table is in the docs, once or more"
+
+
+def copy_of_the_docs(root):
+    """README.md, docs/ and the results files, in a folder of their own."""
+    for name in ["README.md", "results.csv", "docs", "results"]:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    return root
+
+
+def test_a_number_changed_by_hand_is_found_and_rewritten(tmp_path, capsys):
+    root = copy_of_the_docs(tmp_path)
+    readme = root / "README.md"
+    text = readme.read_text()
+    block = plot.BLOCK.search(text)   # the first table: Figure 1's
+    number = re.search(r"\d+\.\d\d", block.group(3)).group(0)
+    wrong = text[:block.start(3)] + block.group(3).replace(number, "99.99", 1) + text[block.end(3):]
+    readme.write_text(wrong)
+    assert plot.update_tables(root, check=True) == [("README.md", block.group(2))]
+    assert readme.read_text() == wrong, "--check writes nothing"
+    assert plot.update_tables(root) == [("README.md", block.group(2))]
+    assert readme.read_text() == text
+
+
+def test_the_command_says_which_table_is_stale(tmp_path):
+    root = copy_of_the_docs(tmp_path)
+    (root / "plot.py").write_text((REPO / "plot.py").read_text())
+    for name in ("gnrepro", "layer.py"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    stale = root / "results.csv"
+    lines = stale.read_text().splitlines(keepends=True)
+    cells = lines[1].split(",")
+    column = lines[0].split(",").index("median_last5_error")
+    cells[column] = "1.23"   # one run's number, not what its record gave
+    stale.write_text("".join([lines[0], ",".join(cells), *lines[2:]]))
+    result = subprocess.run([sys.executable, "plot.py", "--tables", "--check"], cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "README.md: table figure1 is not what its results file gives" in result.stderr
+
+
+@pytest.mark.parametrize("cells, want", [([55.0], "55.00"), ([], "-"),
+                                         ([1.0, 3.0], "2.00 \u00b1 1.41 (n=2)")])
+def test_a_cell_shows_mean_sd_and_the_number_of_seeds(cells, want):
+    assert plot.summary(cells) == want

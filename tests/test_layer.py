@@ -327,3 +327,27 @@ def test_trains_inside_a_compiled_model(policy):
         keras.mixed_precision.set_global_policy("float32")
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert not np.allclose(numpy(norm.gamma), 1.0)
+
+
+def test_second_derivatives_match_keras_layer_under_tensorflow():
+    """A gradient of a gradient through the layer (nested GradientTapes): the written-out
+    backward pass is itself differentiable on TensorFlow and gives Keras' own layer's second
+    derivatives (README's claim; not tested on JAX and PyTorch)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("nested GradientTapes are TensorFlow's")
+    import tensorflow as tf
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 4, 4, 8)).astype("float32"))
+
+    def second(norm):
+        norm.build(x.shape)
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = tf.reduce_sum(norm(x) ** 3)
+            z = tf.reduce_sum(inner.gradient(y, x) ** 2)
+        return outer.gradient(z, x).numpy()
+    ours = second(GroupNormalization(groups=4))
+    theirs = second(keras.layers.GroupNormalization(groups=4, epsilon=1e-5))
+    assert np.abs(theirs).max() > 1
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())

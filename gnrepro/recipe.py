@@ -1,10 +1,13 @@
-"""The recipe, the grids of the studies and train.py's command line: what a run is, in
-plain Python (no Keras), so that the runners (sweep.py, train.sh) and `train.py --grid`
-need no backend, and each file stands on the ones below it (train.py and sweep.py on this).
+"""The recipe, the grids of the studies, a run's Config and train.py's command line: what a
+run is, in plain Python (no Keras, no NumPy), so that the runners (gnrepro/sweep.py, train.sh)
+and `train.py --grid` or `--help` need no backend.
 
     from gnrepro import recipe
     recipe.grid("quick")                      # the quick profile's runs, as Config
     p, args = recipe.parse_args(["--task", "3"]); recipe.resolve(p, args)
+
+One block of named defaults (the recipe, the studies, the scales, the profiles) is the one
+source of truth: train.py, train.sh, the tests and the docs read it; nothing copies it.
 """
 import argparse
 import math
@@ -366,8 +369,17 @@ examples:
 
 
 def parse_args(argv=None):
+    """train.py's command line (the sweep's too): (parser, arguments), checked."""
     p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add in (_what_to_run, _one_run, _files, _how_to_run):
+        add(p)
+    args = p.parse_args(argv)
+    _check(p, args)
+    return p, args
+
+
+def _what_to_run(p):
     what = p.add_argument_group("what to run")
     what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
@@ -385,6 +397,9 @@ def parse_args(argv=None):
                            "a member's files are its solo run's")
     what.add_argument("--no-pack", action="store_true",
                       help="(whole profile) every grid entry in a process of its own, no packs")
+
+
+def _one_run(p):
     run = p.add_argument_group("one run (override the profile's or the grid entry's settings)")
     run.add_argument("--norm", choices=NORMS)
     run.add_argument("--batch-size", type=int, help="images per worker, N")
@@ -412,6 +427,9 @@ def parse_args(argv=None):
                           "of a fixed number of groups")
     run.add_argument("--train-images", type=int, help="class-balanced subset of K training images")
     run.add_argument("--test-images", type=int, help="class-balanced subset of the test images")
+
+
+def _files(p):
     io = p.add_argument_group("files")
     io.add_argument("--data-dir", help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz "
                                        "(default: $CIFAR10_DIR, else the Keras cache, downloading)")
@@ -424,6 +442,9 @@ def parse_args(argv=None):
                                    "results/P/plot.png; curves.png beside it)")
     io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
                                     "e.g. 'CIFAR-10 (JPEG copy)'")
+
+
+def _how_to_run(p):
     p.add_argument("--devices", type=int,
                    help="K devices (GPUs): TensorFlow's MirroredStrategy or JAX's DataParallel, "
                         "each holding W / K workers: the same experiment (default: as many "
@@ -448,7 +469,10 @@ def parse_args(argv=None):
     gpu.add_argument("--unroll", type=int,
                      help=f"(scan loop) steps per iteration of the compiled loop, lax.scan's "
                           f"unroll (default {STEP_OPTIONS['unroll']}); recorded in the run record")
-    args = p.parse_args(argv)
+
+
+def _check(p, args):
+    """What argparse cannot check itself, named by option (p.error exits with status 2)."""
     if args.threads < 0:
         p.error(f"--threads must be 0 (one per core) or a positive integer, got {args.threads}")
     if args.seeds is not None and (not args.seeds or min(args.seeds) < 0
@@ -463,7 +487,6 @@ def parse_args(argv=None):
                                "unroll"))
     if args.learning_rate is not None and not args.learning_rate > 0:
         p.error(f"--learning-rate must be positive, got {args.learning_rate}")
-    return p, args
 
 
 def resolve(p, args):

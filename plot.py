@@ -616,7 +616,7 @@ def plot_bnstats(df, out, metric="median_last5_error", label=None):
     df = df.assign(series=[f"BN, moving statistics: {RULES.get(r, r)}"
                            for r in df["moving_statistics"]])
     agg = aggregate(df, metric)
-    fig, ax = plt.subplots(figsize=(6.5, 4.3))
+    fig, ax = plt.subplots(figsize=(10, 4.3))
     draw_panel(ax, agg, f"CIFAR-10, ResNet-20, {span(df['workers'].astype(int))} workers",
                "test error (%)")
     finish_figure(fig, out, "BN's moving statistics: the first worker's, or the workers' mean",

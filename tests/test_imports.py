@@ -31,8 +31,7 @@ print(json.dumps({"before": before, "after": after}))
 """
 
 IMPORTS = {"the layer": "import layer",
-           "the builder": "from train import build_resnet20, build_resnet",
-           "both": "import layer\nfrom train import build_resnet20, build_resnet"}
+           "the builder": "from train import build_resnet20, build_resnet"}   # (imports layer)
 
 
 @pytest.mark.parametrize("what", IMPORTS)

@@ -369,6 +369,7 @@ def test_two_devices_resumed_give_the_weights_of_one(mirrored):
     assert two.get_layer("stem_norm").workers == 4
 
 
+@pytest.mark.slow
 def test_results_row_carries_workers(mirrored):
     import reproduce
     root, _ = mirrored

@@ -107,7 +107,6 @@ def shared_models(profile):
     """The models of the runs that profile P shares with other profiles, where they are: the
     final models of every other profile at P's scale whose run is one of P's study (any seed)."""
     study, scale = recipe.PROFILES[profile]
-    fields = set(recipe.Config.__dataclass_fields__)
     found = []
     for other, (_, at) in recipe.PROFILES.items():
         if other == profile or at != scale:
@@ -115,7 +114,7 @@ def shared_models(profile):
         for path in find_models(recipe.profile_paths(other)["models_dir"]):
             try:
                 run = read_record(path)["config"].get("run") or {}
-                cfg = recipe.Config(**{k: v for k, v in run.items() if k in fields})
+                cfg = recipe.stored_config(run)   # a run of any version, as it ran
             except (RunError, TypeError, ValueError):
                 continue   # not a run of this study (or unreadable: its own profile says so)
             if replace(cfg, profile=profile) in recipe.grid(profile, [cfg.seed]):

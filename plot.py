@@ -8,7 +8,8 @@ figures of the paper's other studies.
                                               # Figure 4 (curves) and Table 1, a line per norm
     python plot.py --study groups --results results/groups/results.csv --out results/groups/plot.png
                                               # Table 3: error against G and against C / G
-    python plot.py --study workers --results results/workers/results.csv --out results/workers/plot.png
+    python plot.py --study workers --results results/workers/results.csv \
+                   --out results/workers/plot.png
                                               # BN against N: W fixed, or the step fixed
 
 The first form writes plot.png: error (%) against the batch size per worker
@@ -49,7 +50,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from gnrepro import runfiles  # noqa: E402
+from gnrepro import recipe, runfiles  # noqa: E402
 
 # Columns plot.py needs from results.csv (reproduce.py writes these and more).
 TEXT_COLUMNS = ["norm"]
@@ -638,7 +639,7 @@ BLOCK = re.compile(r"(<!-- table ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 def table_metric(df):
     """The paper's statistic where the runs are long enough for it (20 epochs or more), else
     the final error (the sweep's figures choose the same way)."""
-    return "median_last5_error" if df["epochs"].min() >= 20 else "test_error"
+    return "median_last5_error" if df["epochs"].min() >= recipe.STATISTIC_EPOCHS else "test_error"
 
 
 def by_batch_size(df, metric, sizes=BATCH_SIZES):
@@ -646,14 +647,14 @@ def by_batch_size(df, metric, sizes=BATCH_SIZES):
     return [summary(df.loc[df.batch_size == b, metric]) for b in sizes]
 
 
-def paired_gap(df, metric, sizes=BATCH_SIZES):
-    """BN - GN per batch size: per seed where both ran, then over seeds (summary)."""
+def paired_gap(a, b, metric, sizes=BATCH_SIZES):
+    """a - b per batch size (two sets of runs): per seed where both ran, then over seeds
+    (summary); blank where no seed has both."""
     cells = []
-    for b in sizes:
-        at = df[df.batch_size == b]
-        bn, gn = (at[at.norm == n].set_index("seed")[metric] for n in ("bn", "gn"))
-        both = bn.index.intersection(gn.index)
-        cells.append(summary(bn[both] - gn[both]) if len(both) else "")
+    for n in sizes:
+        x, y = (d[d.batch_size == n].set_index("seed")[metric] for d in (a, b))
+        both = x.index.intersection(y.index)
+        cells.append(summary(x[both] - y[both]) if len(both) else "")
     return cells
 
 
@@ -684,7 +685,8 @@ def figure1_table(df):
     for norm in ("bn", "gn"):
         lines.append(row(f"**this reproduction**, {norm.upper()} (ResNet-20, W = {workers})",
                          by_batch_size(df[df.norm == norm], metric)))
-    lines.append(row("BN \u2212 GN (per seed)", paired_gap(df, metric)))
+    lines.append(row("BN \u2212 GN (per seed)",
+                     paired_gap(df[df.norm == "bn"], df[df.norm == "gn"], metric)))
     lines += [row(f"Wu & He, Table 2, {n.upper()} (ResNet-50, ImageNet, 8 workers)",
                   PAPER_IMAGENET[n]) for n in ("bn", "gn")]
     lines += [row(f"BeFranke/GroupNorm, {n.upper()} (ResNet-20, CIFAR-10, mean of 5 seeds)",
@@ -700,14 +702,16 @@ def quick_table(df):
              row(f"images per worker N (W = {workers})", BATCH_SIZES),
              "|---|" + "---:|" * len(BATCH_SIZES)]
     lines += [row(n.upper(), by_batch_size(df[df.norm == n], metric)) for n in ("bn", "gn")]
-    lines.append(row("BN \u2212 GN (per seed)", paired_gap(df, metric)))
+    lines.append(row("BN \u2212 GN (per seed)",
+                     paired_gap(df[df.norm == "bn"], df[df.norm == "gn"], metric)))
     return "\n".join(lines)
 
 
 def control_table(df):
     """The control's runs: the final error and the median of the final 5 epochs."""
     lines = [data_line(df, "test_error"), "",
-             "| run | seeds | final test error | median of the final 5 epochs |", "|---|---:|---:|---:|"]
+             "| run | seeds | final test error | median of the final 5 epochs |",
+             "|---|---:|---:|---:|"]
     for (norm, n, w), g in df.groupby(["norm", "batch_size", "workers"], sort=False):
         lines.append(row(f"{norm.upper()}, W = {int(w)} workers of N = {int(n)}",
                          [len(g), summary(g["test_error"]), summary(g["median_last5_error"])]))
@@ -749,12 +753,7 @@ def bnstats_table(df):
              row("moving statistics of the first worker (the paper's code; default)",
                  by_batch_size(first, metric, sizes)),
              row("moving statistics, mean over the 8 workers", by_batch_size(mean, metric, sizes))]
-    gaps = []
-    for b in sizes:
-        a, m = (x[x.batch_size == b].set_index("seed")[metric] for x in (first, mean))
-        both = a.index.intersection(m.index)
-        gaps.append(summary(m[both] - a[both]) if len(both) else "")
-    lines.append(row("mean \u2212 first (per seed)", gaps))
+    lines.append(row("mean \u2212 first (per seed)", paired_gap(mean, first, metric, sizes)))
     return "\n".join(lines)
 
 

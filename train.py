@@ -141,11 +141,11 @@ def build_resnet(depth=20, norm="bn", groups=GROUPS, num_classes=10, input_shape
     elif norm == "gn":
         recipe.check_groups(groups)
     check_workers(workers, devices)
-    if moving_statistics not in recipe.MOVING_STATISTICS:
-        raise ValueError(f"moving_statistics should be one of {recipe.MOVING_STATISTICS}, got "
+    if moving_statistics not in layer.MOVING_STATISTICS:
+        raise ValueError(f"moving_statistics should be one of {layer.MOVING_STATISTICS}, got "
                          f"{moving_statistics!r}")
-    if weight_decay is not None and (isinstance(weight_decay, bool) or
-                                     not isinstance(weight_decay, (int, float)) or weight_decay < 0):
+    number = isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool)
+    if weight_decay is not None and not (number and weight_decay >= 0):
         raise ValueError(f"weight_decay should be a number >= 0 (0 or None: no L2 penalty), "
                          f"got {weight_decay!r}")
     slices = backends.slices_per_replica(workers, devices) if workers > 1 else None
@@ -266,6 +266,10 @@ def train(cfgs, data_dir=None, models_dir="models", logs_dir="logs", force=False
         stop = stop or stack.enter_context(signals.StopOnSignal())
         progress = sys.stdout.isatty() if progress is None else progress
         data = cifar10.prepare_data(data_dir, cfgs[0].train_images, cfgs[0].test_images)
+        if not data.official:
+            print(f"note: {data.source} is not the official release of CIFAR-10 (its files' "
+                  f"md5s); this run trains on {len(data.y_train)} and tests on "
+                  f"{len(data.y_test)} images (recorded in the run record)", flush=True)
         steps = steps_per_epoch(data, cfgs[0])
         runs = [resumed(cfg, paths, force) for cfg, paths in runs]
         if len(runs) > 1 and loop != "scan":
@@ -336,10 +340,6 @@ def steps_per_epoch(data, cfg):
         raise SystemExit(f"error: {len(data.y_train)} training images make no step of W * N = "
                          f"{cfg.workers} * {cfg.batch_size} images: use more --train-images, or "
                          f"a smaller --batch-size or --workers")
-    if not data.official:
-        print(f"note: {data.source} is not the official release of CIFAR-10 (its files' md5s); "
-              f"this run trains on {len(data.y_train)} and tests on {len(data.y_test)} images "
-              f"(recorded in the run record)", flush=True)
     return steps
 
 
@@ -374,7 +374,8 @@ def end_epoch(m, data):
     test_loss, test_error = evaluate(m.model, data)
     entry = {"epoch": state["epoch"] + 1,
              "lr": cfg.lr * recipe.LR_DROP_FACTOR ** sum(state["epoch"] >= d for d in cfg.lr_drops),
-             "train_loss": state["partial"]["ce"], "train_error": 100 * (1 - state["partial"]["acc"]),
+             "train_loss": state["partial"]["ce"],
+             "train_error": 100 * (1 - state["partial"]["acc"]),
              "test_loss": test_loss, "test_error": test_error,
              "seconds": state.pop("epoch_seconds")}
     images = state["partial"]["steps"] * cfg.batch_size * cfg.workers
@@ -411,10 +412,10 @@ def save(m, data, devices, loop):
 def run_record(m, data, test_loss, test_error, devices, loop):
     """The run record (models/NAME.json): the configuration as it ran, the history, the final
     evaluation and the paper's statistic, the data, how it trained, and its provenance."""
-    from gnrepro import runfiles
+    from gnrepro import cifar10, runfiles
     cfg, state = m.cfg, m.state
     step = cfg.batch_size * cfg.workers
-    steps = len(data.y_train) // step
+    steps = cifar10.steps_per_epoch(len(data.y_train), step)
     return {
         "name": m.paths.name, "status": "finished",
         "config": {"run": asdict(cfg), "lr": cfg.lr, "lr_drops": cfg.lr_drops,

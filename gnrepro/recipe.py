@@ -58,6 +58,9 @@ CHANNELS_PER_GROUP = (1, 2, 4, 8, 16)  # Table 3, bottom: C / G fixed in every l
 
 MOVING_STATISTICS = ("first", "mean")  # BN's moving statistics at W > 1: the first worker's
                                        #   (the paper's code; the default) or the workers' mean
+                                       #   (layer.MOVING_STATISTICS, which needs Keras)
+STATISTIC_EPOCHS = 20       # a run this long or longer is reported by the paper's statistic
+                            #   (median of the final 5 epochs), a shorter one by its final error
 
 STEP_IMAGES = 256           # the workers study's fixed step: W * N = 256 images at a rate of 0.1,
                             #   the paper's step at N = 32, W = 8 (0.1 per 256 images)

@@ -174,7 +174,8 @@ def figures(profile, paths):
     # The paper's statistic is the median of the final 5 of 100 epochs; in a run of a few
     # epochs those 5 include its first ones, so a reduced scale plots the final error. (The
     # paper's scale leaves epochs None, the schedule's length: its profile's Config says it.)
-    metric = [] if recipe.base_config(profile).epochs >= 20 else ["--metric", "test_error"]
+    long_enough = recipe.base_config(profile).epochs >= recipe.STATISTIC_EPOCHS
+    metric = [] if long_enough else ["--metric", "test_error"]
     results = ["--results", paths["results"]]
     if study == "figure1":
         return [[*results, "--out", paths["plot"], *metric],

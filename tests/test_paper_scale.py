@@ -65,7 +65,7 @@ def test_every_profile_has_its_report_and_its_statistic(profile):
     paths = recipe.profile_paths(profile)
     commands = sweep.figures(profile, paths)
     assert commands and all("--out" in c for c in commands)
-    short = recipe.base_config(profile).epochs < 20
+    short = recipe.base_config(profile).epochs < recipe.STATISTIC_EPOCHS
     assert all(("--metric" in c) == (short and "--curves" not in c) for c in commands)
     assert (recipe.PROFILES[profile][1] == "quick") == short
 

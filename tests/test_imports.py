@@ -58,3 +58,10 @@ def test_the_registered_names_are_those_saved_models_carry():
         "groupnorm>GroupNormalization"
     assert keras.saving.get_registered_name(layer.WorkerBatchNormalization) == \
         "train>WorkerBatchNormalization"
+
+
+def test_the_recipe_names_the_layers_rules():
+    """recipe.py (no Keras) spells BN's moving-statistics rules as layer.py does."""
+    import layer
+    from gnrepro import recipe
+    assert recipe.MOVING_STATISTICS == layer.MOVING_STATISTICS

@@ -111,6 +111,20 @@ def test_weight_decay_is_1e_4_times_w_on_every_trainable_weight(norm):
         v.assign(np.zeros(v.shape, "float32"))
 
 
+@pytest.mark.parametrize("weight_decay", [0, None, 3e-4])
+def test_weight_decay_is_the_builders_argument(weight_decay):
+    """weight_decay=0 or None: no L2 term at all (for an optimizer that decays the weights
+    itself); another value: that coefficient on every weight, gamma and beta included."""
+    model = train.build_resnet20("gn", weight_decay=weight_decay)
+    for v in model.trainable_weights:
+        v.assign(np.ones(v.shape, "float32"))
+    count = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    assert sum(float(loss) for loss in model.losses) == \
+        pytest.approx(0.5 * (weight_decay or 0) * count, rel=1e-5)
+    with pytest.raises(ValueError, match="weight_decay should be a number >= 0"):
+        train.build_resnet20("gn", weight_decay=-1e-4)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(norm="xn"), "norm should be one of"),
     (dict(norm="gn", groups=3), "groups should divide"),

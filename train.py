@@ -305,6 +305,7 @@ def run(pack, data, steps, stop, devices, loop, options, progress):
                   f"from {paths.checkpoint}", flush=True)
         else:
             state = new_state(cfg)
+        runfiles.open_segment(state, loop)   # this session: where it starts, what it runs on
         others = {p.name for _, p, _ in pack} - {paths.name}
         state["packed_with"] = sorted(set(state.get("packed_with", [])) | others)
         writer = tensorboard.summary.Writer(str(paths.logs))
@@ -320,6 +321,7 @@ def run(pack, data, steps, stop, devices, loop, options, progress):
         seconds = time.perf_counter() - start    # a pack's: each member waited for all of it
         for m in members:
             m.state["wall_seconds"] += seconds
+            runfiles.close_segment(m.state)
             runfiles.save_checkpoint(m.paths, m.model, m.state)
         if stop.requested:
             for m in members:
@@ -440,6 +442,9 @@ def run_record(m, data, test_loss, test_error, devices, loop):
         "devices": devices,   # the last session's: a resumed run may have changed them
         "loop": loop,         # fit, or scan (backends.ScanLoop): the last session's
         "packed_with": state.get("packed_with", []),   # trained in one program with it
+        # each session's stretch of training and where it ran (runfiles.open_segment); the
+        # top-level provenance below is the last session's
+        "segments": state.get("segments", []),
         "step_options": m.options,   # how the scan loop ran its step (loops.step_options)
         # XLA's flags (JAX): command buffers (CUDA graphs) and determinism are set there
         "xla_flags": os.environ.get("XLA_FLAGS", "") if backends.name() == "jax" else None,

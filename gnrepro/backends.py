@@ -134,6 +134,20 @@ def gpus():
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
+def gpu_cards():
+    """The models of the GPUs the backend sees (e.g. 'NVIDIA H200'), for the run record."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return [tf.config.experimental.get_device_details(d).get("device_name", d.name)
+                for d in tf.config.list_physical_devices("GPU")]
+    if backend == "jax":
+        import jax
+        return [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+    import torch
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
 def _visible():
     backend = name()
     if backend == "tensorflow":

@@ -29,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -258,17 +259,22 @@ def _finished(cfg, paths, force, identity):
     return True
 
 
+# What runs write (their checkpoints are committed): not local changes to the code.
+OUTPUTS = ("models", "logs", "results", "results.csv", "plot.png", "curves.png")
+
+
 def git_commit():
-    """HEAD (with -dirty for local changes), or $TRAIN_GIT_COMMIT where the caller says it: on
-    a machine that got a copy of the tree (gpu.sh), whose own .git, if any, may name another
-    commit with the copied files as local changes."""
+    """HEAD (with -dirty for local changes to anything but OUTPUTS), or $TRAIN_GIT_COMMIT where
+    the caller says it: on a machine that got a copy of the tree (gpu.sh), whose own .git, if
+    any, may name another commit with the copied files as local changes."""
     if os.environ.get("TRAIN_GIT_COMMIT"):
         return os.environ["TRAIN_GIT_COMMIT"]
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no",
+                                "--", ".", *(f":(exclude){p}" for p in OUTPUTS)],
                                capture_output=True, text=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -276,8 +282,43 @@ def git_commit():
 
 
 def provenance():
-    """What a run record says of where it ran: commit, library versions, host, devices."""
+    """What a run record says of where it ran: commit, library versions, host, machine (the
+    GPU cards' names, else the CPU's model), devices."""
     from gnrepro import backends   # (Keras: imported here, so that plot.py and tests need no Keras)
     return {"git_commit": git_commit(), "versions": backends.versions(), "host": platform.node(),
-            "cpus": os.cpu_count(), "gpus": backends.gpus(),
-            "intra_op_threads": backends.intra_op_threads()}
+            "machine": ", ".join(backends.gpu_cards()) or cpu_model(), "cpus": os.cpu_count(),
+            "gpus": backends.gpus(), "intra_op_threads": backends.intra_op_threads()}
+
+
+def cpu_model():
+    """The CPU's model name as Linux gives it (e.g. 'AMD EPYC 9B14'), else platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# A run's segments: the stretches of training between its starts and its stops, each with
+# where it ran. A run may start on one machine and be resumed on others (a GPU machine, then
+# a CPU one); its record lists them all. Positions are [epochs done, steps into the next].
+
+def open_segment(state, loop):
+    """Append this session's segment to state["segments"]: where it starts and what it runs
+    on. A checkpoint from before segments were kept gets one for what it had trained, marked
+    `recorded: false` (its machine is not known here)."""
+    segments = state.setdefault("segments", [])
+    here = [state["epoch"], state["step"]]
+    if not segments and here != [0, 0]:
+        segments.append({"start": [0, 0], "end": here, "recorded": False})
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    segments.append({"start": here, "end": here, "started_at": now, "ended_at": now,
+                     "loop": loop, **provenance()})
+
+
+def close_segment(state):
+    """Bring the current segment's end up to where the run stands now."""
+    state["segments"][-1].update(end=[state["epoch"], state["step"]],
+                                 ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -419,6 +419,11 @@ def test_run_writes_model_record_and_one_line_per_epoch(reference, cifar_dir):
     assert record["data"]["checksum"] == cifar10.checksum(*cifar10.load(cifar_dir))
     assert set(record["versions"]) >= {"python", "keras", "tensorflow", "numpy"}
     assert record["git_commit"] and record["images_per_second"] > 0
+    (segment,) = record["segments"]   # one session: from the start to the end, where it ran
+    assert (segment["start"], segment["end"], segment["loop"]) == ([0, 0], [3, 0], "fit")
+    assert segment["machine"] == record["machine"] and segment["machine"]
+    assert segment["git_commit"] == record["git_commit"]
+    assert segment["versions"] == record["versions"] and segment["intra_op_threads"] == 1
     assert not list((root / "models").glob("checkpoints/*")), "the checkpoint is removed at the end"
     assert not list(root.rglob(".*.tmp*")), "no temporary file is left"
 
@@ -515,6 +520,10 @@ def test_sigusr1_checkpoints_mid_epoch_and_resumes_exactly(reference, cifar_dir,
     for a, b in zip(ref, got):  # even the interrupted epoch's training metrics, bit for bit
         assert (a["train_loss"], a["train_error"]) == (b["train_loss"], b["train_error"])
         assert a["test_error"] == b["test_error"]
+    first, second = json.loads((tmp_path / "models" / "gn_b4_s3.json").read_text())["segments"]
+    assert (first["start"], first["end"]) == ([0, 0], [1, step])   # where the signal left it
+    assert (second["start"], second["end"]) == ([1, step], [3, 0])
+    assert first["started_at"] <= first["ended_at"] <= second["started_at"]
 
 
 def test_finished_run_is_skipped_unless_forced(reference, cifar_dir):
@@ -532,6 +541,35 @@ def test_finished_run_with_other_configuration_is_refused(reference, cifar_dir):
     args[args.index("--epochs") + 1] = "5"
     result = run_train(*args)
     assert result.returncode != 0 and "was trained with another configuration" in result.stderr
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_what_runs_write(tmp_path):
+    """A run's own outputs (its committed checkpoint, rewritten every epoch) leave the commit
+    clean; a change to the code does not. (A repository of its own, with this runfiles.py.)"""
+    repo = tmp_path / "repo"
+    for name in ("gnrepro/__init__.py", "gnrepro/runfiles.py", "train.py", "models/README.md",
+                 "logs/README.md"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes((REPO / name).read_bytes())
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    asked = [sys.executable, "-c", "from gnrepro import runfiles; print(runfiles.git_commit())"]
+
+    def recorded():
+        env = {k: v for k, v in os.environ.items() if k != "TRAIN_GIT_COMMIT"}
+        env["PYTHONPATH"] = str(repo)   # its runfiles.py, asking about its own repository
+        return subprocess.run(asked, cwd=repo, env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    (repo / "models" / "README.md").write_text("changed by a run\n")
+    (repo / "logs" / "README.md").write_text("changed by a run\n")
+    assert recorded() == commit
+    with open(repo / "train.py", "a") as f:
+        f.write("\n")
+    assert recorded() == commit + "-dirty"
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -612,6 +650,7 @@ def test_a_checkpoint_from_before_the_rule_resumes_with_the_mean_it_started_with
         arrays = {k: z[k] for k in z.files}
     state = json.loads(str(arrays["state"]))
     del state["config"]["moving_statistics"]
+    stopped_at = state.pop("segments")[0]["end"]   # nor did it keep segments
     arrays["state"] = np.array(json.dumps(state))
     with open(old, "wb") as f:
         np.savez(f, **arrays)
@@ -625,6 +664,9 @@ def test_a_checkpoint_from_before_the_rule_resumes_with_the_mean_it_started_with
     assert record["config"]["moving_statistics"] == record["config"]["run"]["moving_statistics"] \
         == "mean"
     assert_same_arrays(stopped / "bn_b2_w8_s1.keras", whole / "bn_b2_w8_meanstats_s1.keras")
+    before, after = record["segments"]   # where it trained before is not known
+    assert before == {"start": [0, 0], "end": stopped_at, "recorded": False}
+    assert after["start"] == stopped_at and after["end"] == [2, 0] and after["machine"]
     import pandas as pd
     import reproduce
     assert reproduce.main(["--models-dir", str(stopped), "--out", str(tmp_path / "r.csv"),

@@ -9,6 +9,7 @@
 #   PROFILE=norms ... bash gpu.sh SECONDS   # another profile's grid (models/norms/, ...)
 #   SEEDS="4 5" ... bash gpu.sh SECONDS     # the grid with other seeds (train.py --seeds)
 #   PACK=0 ... bash gpu.sh SECONDS          # every run in a process of its own (no packs)
+#   PACK_MAX_N=8 ... bash gpu.sh SECONDS    # packs up to N = 8 (default 2; above, runs alone)
 #   DATA_DIR=/scratch/cifar ... bash gpu.sh SECONDS   # CIFAR-10's folder (default: $CIFAR10_DIR,
 #                                           #   else the Keras cache, as train.py looks)
 #   bash gpu.sh unpack FOLDER               # back home, after the call: its runs.tgz.part-* into
@@ -83,8 +84,10 @@ PROFILE=${PROFILE:-default}
 grid=(--profile "$PROFILE" ${SEEDS:+--seeds "$SEEDS"})   # the same for --grid and every --task
 # One line per process, the longest first: TASK SEEDS NAME... (sweep.print_queue: the
 # given tasks, else the grid's entries without a finished model in the profile's models folder).
+# Packs only at N <= PACK_MAX_N: on an H200 a pack of 3 was 1.32x one run at N = 2 but 0.32x
+# at N = 32 (docs/gpu.md), where runs side by side under MPS do far better.
 lines=$(python3 -c "import sys; from gnrepro import sweep; sweep.print_queue(*sys.argv[1:])" "$PROFILE" \
-    "${SEEDS:-}" "$*" "${PACK:-1}" pending) || exit 2
+    "${SEEDS:-}" "$*" "${PACK:-1}" pending "${PACK_MAX_N:-2}") || exit 2
 echo "gpu.sh: profile $PROFILE, $(awk 'NF' <<<"$lines" | wc -l) processes queued"
 mapfile -t queue < <(awk 'NF' <<<"$lines")
 for line in "${queue[@]}"; do echo "gpu.sh: queued ${line#* * }"; done
@@ -151,7 +154,9 @@ deadline=$((budget - PACK_SECONDS))
 trap 'echo "gpu.sh: SIGUSR1: the deadline is now"; deadline=$SECONDS' USR1
 trap 'echo "gpu.sh: SIGTERM: the deadline is now"; deadline=$SECONDS' TERM
 declare -A pids=()
-fraction=$(python3 -c "print(round(0.9 / $JOBS, 3))")
+# Each process's share of GPU memory, with room for each one's CUDA context and modules
+# (0.9 / 6 left too little: a process failed to load a kernel, CUDA_ERROR_OUT_OF_MEMORY).
+fraction=$(python3 -c "print(round(0.75 / $JOBS, 3))")
 while ((${#queue[@]} || ${#pids[@]})); do
     for t in "${!pids[@]}"; do
         if ! kill -0 "${pids[$t]}" 2>/dev/null; then

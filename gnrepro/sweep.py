@@ -79,24 +79,34 @@ def keras_backend():
         return "tensorflow"
 
 
-def queue(profile, seeds=None, tasks=None, pack=True):
+def queue(profile, seeds=None, tasks=None, pack=True, pack_max_n=None):
     """(train.py arguments, run names) per process, the longest first (the fewest images a
-    step: N = 2 takes 16 times the steps of N = 32; then the bigger pack): gpu.sh's queue."""
+    step: N = 2 takes 16 times the steps of N = 32; then the bigger pack): gpu.sh's queue.
+    pack_max_n: only entries of at most that many images per worker N train as packs (a
+    pack of 3 at N = 32 was 0.32 times as fast as one run alone on an H200, at N = 2 1.32
+    times: docs/gpu.md)."""
     entries = recipe.grid(profile, seeds)
     tasks = list(range(len(entries))) if tasks is None else list(tasks)
-    groups = recipe.packs(entries, tasks) if pack else [[t] for t in tasks]
-    groups.sort(key=lambda g: (entries[g[0]].batch_size * entries[g[0]].workers, -len(g)))
-    return [(recipe.pack_arguments(profile, entries, g) if pack else ["--task", str(g[0])],
-             [entries[t].name for t in g]) for g in groups]
+    groups = []   # (tasks, whether they train as a pack)
+    for g in recipe.packs(entries, tasks) if pack else [[t] for t in tasks]:
+        if pack and (pack_max_n is None or entries[g[0]].batch_size <= pack_max_n):
+            groups.append((g, True))
+        else:
+            groups += [([t], False) for t in g]
+    groups.sort(key=lambda g: (entries[g[0][0]].batch_size * entries[g[0][0]].workers,
+                               -len(g[0])))
+    return [(recipe.pack_arguments(profile, entries, g) if as_pack else ["--task", str(g[0])],
+             [entries[t].name for t in g]) for g, as_pack in groups]
 
 
-def print_queue(profile, seeds="", tasks="", pack="1", pending=""):
+def print_queue(profile, seeds="", tasks="", pack="1", pending="", pack_max_n=""):
     """gpu.sh's queue, one process a line: TASK SEEDS NAME... (SEEDS '-': a solo run, TASK in
     the grid of the profile's or SEEDS' seeds; else comma-separated, a pack, TASK in the grid
     of those). No tasks and `pending`: the entries without a finished model in the profile's
     models folder (the committed paper-scale runs; a record without its model is retrained),
     less those another profile provides
-    (recipe.provider: that profile's queue trains them, once)."""
+    (recipe.provider: that profile's queue trains them, once). pack_max_n: packs only of
+    entries with at most that many images per worker (the others alone)."""
     if profile not in recipe.PROFILES:
         sys.exit(f"gpu.sh: no profile {profile!r}: one of {list(recipe.PROFILES)}")
     seeds = recipe._ints(seeds) or None
@@ -105,7 +115,8 @@ def print_queue(profile, seeds="", tasks="", pack="1", pending=""):
         models = Path(recipe.profile_paths(profile)["models_dir"])
         tasks = [i for i, c in enumerate(recipe.grid(profile, seeds))
                  if not (models / f"{c.name}.keras").exists() and recipe.provider(c) == profile]
-    for args, names in queue(profile, seeds, tasks, pack not in ("0", "")):
+    pack_max_n = int(pack_max_n) if str(pack_max_n).strip() else None
+    for args, names in queue(profile, seeds, tasks, pack not in ("0", ""), pack_max_n):
         pack_seeds = args[3].replace(" ", ",") if "--pack" in args else "-"
         print(args[1], pack_seeds, *names)
 

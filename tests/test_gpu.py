@@ -52,6 +52,7 @@ def environment(root, out, **extra):
     return {**os.environ, "PATH": f"{root / 'bin'}:{os.environ['PATH']}", "OUT": str(out),
             "PACK_SECONDS": "10", "START_SECONDS": "5", "TRAIN_GIT_COMMIT": "abc1234",
             "DATA_DIR": ".gpu/data",
+            "PACK_MAX_N": "32",   # entries 0 and 10 are N = 32 in the grid: packed all the same
             # grid entries 0 and 10 (bn, seeds 1 and 2) made small: W = 2 workers of 4,
             # 40 epochs of 200 images
             "TRAIN_ARGS": "--batch-size 4 --workers 2 --epochs 40 --train-images 200 "

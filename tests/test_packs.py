@@ -359,6 +359,21 @@ def test_the_sweep_queue_packs_the_seeds_of_each_entry_the_longest_first():
     alone = sweep.queue("default", tasks=[0, 10, 4], pack=False)
     assert alone == [(["--task", "4"], ["bn_b2_w8_s1"]), (["--task", "0"], ["bn_b32_w8_s1"]),
                      (["--task", "10"], ["bn_b32_w8_s2"])]
+    # packs only up to N = 2 (gpu.sh's PACK_MAX_N): N = 32's seeds each alone
+    small = sweep.queue("default", tasks=[0, 10, 4, 14, 6], pack_max_n=2)
+    assert small == [(["--task", "4", "--seeds", "1 2", "--pack"], ["bn_b2_w8_s1", "bn_b2_w8_s2"]),
+                     (["--task", "6"], ["gn_b16_w8_s1"]), (["--task", "0"], ["bn_b32_w8_s1"]),
+                     (["--task", "10"], ["bn_b32_w8_s2"])]
+
+
+def test_print_queue_is_gpu_shs_list_of_processes(capsys):
+    from gnrepro import sweep
+    sweep.print_queue("default", "", "0 10 20 4 14", "1", "", "2")
+    assert capsys.readouterr().out.splitlines() == [
+        "4 1,2 bn_b2_w8_s1 bn_b2_w8_s2", "0 - bn_b32_w8_s1", "10 - bn_b32_w8_s2",
+        "20 - bn_b32_w8_s3"]
+    sweep.print_queue("default", "", "0 10", "1", "")   # without the limit: one pack
+    assert capsys.readouterr().out.splitlines() == ["0 1,2 bn_b32_w8_s1 bn_b32_w8_s2"]
 
 
 def sweep_command(cifar_dir, root, *extra):

@@ -7,6 +7,7 @@
 #   bash train.sh [args]                      # no SLURM: the grid on this machine, then
 #                                             #   reproduce.py and plot.py (python sweep.py)
 #   TASKS="0 3 5" bash train.sh [args]        # no SLURM: these entries
+#   bash train.sh --time-limit 2h30m          # no SLURM: until then, then every run checkpoints
 #
 # Submit from the repository (the log path below is relative to it). Writes what train.py
 # writes (models/NAME.keras, models/NAME.json, logs/NAME/; models/P/ and logs/P/ for a

@@ -43,6 +43,9 @@ def before_backend(argv=None, stop=None):
         hand_over(sys.argv[1:] if argv is None else argv, stop)
     if args.tasks is not None:
         p.error("--tasks selects entries of a whole profile's sweep: give --profile alone")
+    if args.time_limit is not None:
+        p.error("--time-limit stops a whole profile's sweep (--profile alone); a single run "
+                "stops on SIGUSR1, e.g. timeout -s USR1 2h python train.py ...")
     if args.pack and args.seed is not None:
         p.error(f"--pack trains the run with each seed of --seeds; give --seeds, not --seed "
                 f"{args.seed}")

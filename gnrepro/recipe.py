@@ -355,6 +355,46 @@ def _ints(text):
     return [int(t) for t in text.replace(",", " ").split()]
 
 
+DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def duration(text):
+    """'2h30m', '90m', '45s', '1d12h' or '2:30:00' (H:MM:SS) -> seconds. A bare number is
+    refused: SLURM reads it as minutes, `timeout` as seconds."""
+    text = text.strip().lower()
+    try:
+        if ":" in text:
+            h, m, sec = (int(x) for x in text.split(":"))
+            if not (0 <= m < 60 and 0 <= sec < 60 and h >= 0):
+                raise ValueError
+            seconds = 3600 * h + 60 * m + sec
+        else:
+            seconds, number = 0, ""
+            for c in text:
+                if c.isdigit():
+                    number += c
+                elif c in DURATION_UNITS and number:
+                    seconds, number = seconds + int(number) * DURATION_UNITS[c], ""
+                else:
+                    raise ValueError
+            if number or not text:
+                raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: give one with units, e.g. 2h30m, 90m, 5400s, or "
+            f"H:MM:SS (2:30:00)") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the time limit must be longer than 0")
+    return seconds
+
+
+def format_duration(seconds):
+    """3600 * 2 + 60 * 30 -> '2h30m' (whole minutes; seconds where there are any)."""
+    h, rest = divmod(int(seconds), 3600)
+    m, sec = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or "0s"
+
+
 DESCRIPTION = "ResNet-20 with BatchNorm, GroupNorm, LayerNorm or InstanceNorm on CIFAR-10: one run, or a profile's grid."
 EXAMPLES = """\
 examples:
@@ -400,6 +440,11 @@ def _what_to_run(p):
                            "a member's files are its solo run's")
     what.add_argument("--no-pack", action="store_true",
                       help="(whole profile) every grid entry in a process of its own, no packs")
+    what.add_argument("--time-limit", type=duration, metavar="DURATION",
+                      help="(whole profile) stop this long after the start, e.g. 2h30m or "
+                           "2:30:00: every running run checkpoints (as on SIGUSR1), and the "
+                           "command exits 0 with a line saying each run's epochs; the same "
+                           "command resumes (one run: timeout -s USR1 2h python train.py ...)")
 
 
 def _one_run(p):

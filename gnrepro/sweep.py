@@ -8,10 +8,12 @@
                                                     # in one process, a pack (--no-pack: not)
     python train.py --profile quick                 # the same (train.py hands over to this file)
     bash train.sh [args]                            # the same, where there is no SLURM
+    python train.py --time-limit 2h30m              # the paper's grid until then, all resumable
 
 Each grid entry runs as its own `python train.py --task I --profile P [options]`, JOBS
-at a time (default: one per core on a CPU, one with a GPU), smallest batches first (they
-take longest); their output is relayed line by line. CIFAR-10 is looked for (and, in
+at a time (default: one per core on a CPU, one with a GPU), in queue_order: the runs with a
+checkpoint first (the nearest to their end first), then seed by seed, the smallest batches
+first (they take longest), BN beside GN; their output is relayed line by line. CIFAR-10 is looked for (and, in
 the Keras cache, fetched) once before any entry starts: without it the sweep says where it
 looked and what to do, once, and exits with status 1. A failed entry does not stop the
 others; the failures are listed at the end and the exit status is 1. Where a run would
@@ -20,7 +22,9 @@ differ only in seed train as one process, a pack (train.py --pack; its members w
 their solo runs' files); --no-pack runs every entry alone. SIGINT (Ctrl-C),
 SIGTERM or SIGUSR1 asks every running entry to checkpoint (SIGUSR1, at the end of its
 current compiled call) and the sweep exits with status 75 (signals.PREEMPTED); the same
-command resumes. When every entry has finished: reproduce.py writes the profile's
+command resumes. --time-limit does the same when its time has passed (a workstation
+overnight, an allocation's wall clock; leave a few minutes for the checkpoints), but exits
+with status 0 and one line: what each run trained in this call. When every entry has finished: reproduce.py writes the profile's
 results file and plot.py its figures (recipe.profile_paths: results.csv, plot.png and
 curves.png for the paper's profile; results/P/results.csv, plot.png, curves.png otherwise,
 and the figure of the profile's study where it has one).
@@ -36,7 +40,10 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from gnrepro import cifar10
 from gnrepro import recipe, signals
@@ -215,12 +222,70 @@ def report(args, paths):
     return 0, [paths["results"], *(f[f.index("--out") + 1] for f in plots)]
 
 
+def run_files(args, entry):
+    """entry's run files (runfiles.Paths): where the profile that provides it keeps them,
+    as train.py --task finds them, unless --models-dir / --logs-dir say otherwise."""
+    from gnrepro import runfiles
+    profile = args.profile if args.models_dir or args.logs_dir else recipe.provider(entry)
+    paths = recipe.profile_paths(profile, args)
+    return runfiles.Paths(paths["models_dir"], paths["logs_dir"], entry.name)
+
+
+def run_state(args, entry):
+    """('finished', None), ('checkpointed', (epochs done, epochs, steps into the next)) or
+    ('new', None): where entry's run stands, read from its files."""
+    files = run_files(args, entry)
+    if files.model.exists() and files.record.exists():
+        return "finished", None
+    try:
+        with np.load(files.checkpoint) as z:
+            state = json.loads(str(z["state"]))
+        return "checkpointed", (state["epoch"], state["config"]["epochs"], state["step"])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return "new", None   # (a bad checkpoint: train.py sets it aside and starts over)
+
+
+def queue_order(args, entries, tasks):
+    """The order a local sweep runs tasks in: the runs with a checkpoint first, the nearest
+    to their end first (what was begun is finished before more is begun); then seed by seed,
+    so that each seed's grid is whole as early as it can be; in a seed the smallest batches
+    first (their steps are the slowest), BN beside GN (the grid's order)."""
+    def key(i):
+        state, where = run_state(args, entries[i])
+        left = where[1] - where[0] if state == "checkpointed" else 0
+        return (state != "checkpointed", left, entries[i].seed, entries[i].batch_size)
+    return sorted(tasks, key=key)
+
+
+def time_limit_summary(args, entries, tasks, before):
+    """One line: what the runs of tasks did in this call, when its time limit ended it."""
+    done, stopped, untouched = [], [], 0
+    for i in tasks:
+        state, where = run_state(args, entries[i])
+        name = entries[i].name
+        if state == "finished" and before[i][0] != "finished":
+            done.append(name)
+        elif state == "checkpointed" and where != before[i][1]:
+            begun = before[i][1][0] if before[i][1] else 0
+            stopped.append(f"{name} {begun}->{where[0]}/{where[1]} epochs"
+                           + (f" (+{where[2]} steps)" if where[2] else ""))
+        elif state != "finished":
+            untouched += 1
+    parts = [f"finished {', '.join(done)}" if done else "none finished",
+             f"checkpointed {', '.join(stopped)}" if stopped else "none checkpointed",
+             f"{untouched} of {len(tasks)} not trained in this call"]
+    return (f"profile {args.profile}: time limit {recipe.format_duration(args.time_limit)} "
+            f"reached: {'; '.join(parts)}; the same command resumes")
+
+
 def sweep(args, stop):
-    """Every entry of args.tasks (default: the whole grid) of args.profile, then the report."""
+    """Every entry of args.tasks (default: the whole grid) of args.profile, then the report
+    (with args.time_limit: until then, every run then checkpointed, a summary, status 0)."""
     start = time.perf_counter()
     entries = recipe.grid(args.profile, args.seeds)
     tasks = args.tasks if args.tasks is not None else list(range(len(entries)))
-    tasks = sorted(tasks, key=lambda i: entries[i].batch_size)   # longest runs first
+    tasks = queue_order(args, entries, tasks)
+    before = {i: run_state(args, entries[i]) for i in tasks}
     jobs = args.jobs or default_jobs(args.threads)
     cifar10.require(args.data_dir)   # once, here: not once per entry, with a traceback each
     script = [sys.executable, "-u", str(HERE / "train.py")]
@@ -235,7 +300,16 @@ def sweep(args, stop):
     else:
         print(f"profile {args.profile}: {len(tasks)} runs, {jobs} at a time", flush=True)
         commands = {t: [*script, "--task", str(t), *forwarded(args)] for t in tasks}
+    limit = args.time_limit and threading.Timer(args.time_limit, stop_at_limit, (stop, args))
+    if limit:
+        limit.daemon = True
+        limit.start()
     code = run_entries(commands, jobs, stop, label=f"profile {args.profile}")
+    if limit:
+        limit.cancel()
+    if code == signals.PREEMPTED and stop.requested == LIMIT:
+        print(time_limit_summary(args, entries, tasks, before), flush=True)
+        return 0
     if code:
         return code
     paths = recipe.profile_paths(args.profile, args)
@@ -244,6 +318,16 @@ def sweep(args, stop):
         print(f"profile {args.profile}: done in {(time.perf_counter() - start) / 60:.1f} min: "
               f"{', '.join(map(str, outputs))}", flush=True)
     return code
+
+
+LIMIT = "the time limit"   # stop.requested once the sweep's --time-limit has passed
+
+
+def stop_at_limit(stop, args):
+    if not stop.requested:   # (a signal that came first decides the exit status)
+        print(f"profile {args.profile}: time limit {recipe.format_duration(args.time_limit)} "
+              f"reached: every running run checkpoints", flush=True)
+        stop.requested = LIMIT
 
 
 SCALE_OPTIONS = ("epochs", "workers", "train_images", "test_images", "moving_statistics")

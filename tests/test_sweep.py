@@ -2,11 +2,13 @@
 a failure does not stop the rest, a signal checkpoints every running entry, arguments reach
 each entry, a signal that comes while train.py hands over is kept; the whole main job end to
 end is test_train.py's and test_slurm.py's (and the missing data's, test_faults.py's)."""
+import json
 import subprocess
 import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -193,3 +195,117 @@ def test_no_gpu_is_seen_without_nvidia_smi(monkeypatch):
     monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
     assert not sweep.has_gpu() and sweep.default_jobs(1) == (sweep.os.cpu_count() or 1)
     assert sweep.default_jobs(0) == 1
+
+
+# --- The time limit, and the order a local sweep runs its entries in -------------------------
+
+@pytest.mark.parametrize("text, seconds", [
+    ("2h30m", 9000), ("90m", 5400), ("45s", 45), ("1d12h", 129600), ("2:30:00", 9000),
+    ("0:00:05", 5), (" 2H ", 7200)])
+def test_durations(text, seconds):
+    assert recipe.duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, message", [
+    ("150", "'150' is not a duration: give one with units, e.g. 2h30m, 90m, 5400s, or H:MM:SS"),
+    ("2x", "'2x' is not a duration"), ("h", "'h' is not a duration"),
+    ("1:75:00", "'1:75:00' is not a duration"), ("0m", "'0m': the time limit must be longer")])
+def test_a_bad_time_limit_names_the_option(text, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        recipe.parse_args(["--profile", "quick", "--time-limit", text])
+    assert e.value.code == 2
+    assert f"argument --time-limit: {message}" in capsys.readouterr().err
+
+
+def test_the_time_limit_is_a_sweeps(capsys):
+    with pytest.raises(SystemExit) as e:
+        launch.before_backend(["--task", "1", "--time-limit", "1h"])
+    assert e.value.code == 2
+    assert "--time-limit stops a whole profile's sweep (--profile alone)" in capsys.readouterr().err
+    assert recipe.format_duration(9000) == "2h30m" and recipe.format_duration(61) == "1m1s"
+
+
+def write_checkpoint(models, name, epoch, epochs=100, step=0):
+    (models / "checkpoints").mkdir(parents=True, exist_ok=True)
+    state = {"epoch": epoch, "step": step, "config": {"epochs": epochs}}
+    with open(models / "checkpoints" / f"{name}.npz", "wb") as f:
+        np.savez(f, state=np.array(json.dumps(state)))
+
+
+def test_begun_runs_first_the_nearest_to_their_end_then_seed_by_seed_smallest_n_first(tmp_path):
+    _, args = recipe.parse_args(["--profile", "default", "--models-dir", str(tmp_path)])
+    entries = recipe.grid("default")
+    write_checkpoint(tmp_path, "bn_b32_w8_s3", 42)   # 20: 58 epochs left
+    write_checkpoint(tmp_path, "gn_b32_w8_s2", 91)   # 15: 9 left
+    write_checkpoint(tmp_path, "gn_b2_w8_s1", 7, step=1256)   # 9: 93 left
+    (tmp_path / "bn_b16_w8_s1.keras").write_text("")   # 1: finished
+    (tmp_path / "bn_b16_w8_s1.json").write_text("{}")
+    order = sweep.queue_order(args, entries, range(30))
+    assert order[:3] == [15, 20, 9]
+    assert [entries[i].name for i in order[3:12]] == [
+        "bn_b2_w8_s1", "bn_b4_w8_s1", "gn_b4_w8_s1", "bn_b8_w8_s1", "gn_b8_w8_s1",
+        "bn_b16_w8_s1", "gn_b16_w8_s1", "bn_b32_w8_s1", "gn_b32_w8_s1"]
+    assert [entries[i].seed for i in order[12:]] == [2] * 9 + [3] * 9
+    assert sweep.run_state(args, entries[1]) == ("finished", None)
+    assert sweep.run_state(args, entries[9]) == ("checkpointed", (7, 100, 1256))
+    assert sweep.run_state(args, entries[0]) == ("new", None)
+
+
+FAKE_TRAIN = """\
+import json, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import numpy as np
+from gnrepro import recipe
+argv = sys.argv[1:]
+task, models = int(argv[argv.index("--task") + 1]), Path(argv[argv.index("--models-dir") + 1])
+name = recipe.grid("quick")[task].name
+def checkpoint(*a):
+    (models / "checkpoints").mkdir(parents=True, exist_ok=True)
+    state = {{"epoch": 3, "step": 7, "config": {{"epochs": 5}}}}
+    with open(models / "checkpoints" / (name + ".npz"), "wb") as f:
+        np.savez(f, state=np.array(json.dumps(state)))
+    print(name, "checkpointed", flush=True)
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, checkpoint)
+if task == 9:   # the short one: finishes before the limit
+    (models / (name + ".keras")).write_text("")
+    (models / (name + ".json")).write_text("{{}}")
+    sys.exit(0)
+time.sleep(60)
+"""
+
+
+def test_at_its_time_limit_the_sweep_checkpoints_every_run_and_exits_0_with_a_summary(
+        tmp_path, monkeypatch, capsys, data_found):
+    """train.py stands in for itself: a run that sleeps until SIGUSR1, then writes its
+    checkpoint and exits 75; grid entry 9 finishes at once."""
+    (tmp_path / "train.py").write_text(FAKE_TRAIN.format(repo=str(REPO)))
+    monkeypatch.setattr(sweep, "HERE", tmp_path)
+    models = tmp_path / "models"
+    write_checkpoint(models, "gn_b4_s1", 1, epochs=5)   # 8: begun before, so it starts first
+    start = time.monotonic()
+    code = sweep.main(["--profile", "quick", "--tasks", "0 8 9 4 5", "--jobs", "3",
+                       "--time-limit", "3s", "--models-dir", str(models), "--results",
+                       str(tmp_path / "r.csv"), "--plot", str(tmp_path / "p.png")], stop=Stop())
+    assert code == 0 and time.monotonic() - start < 50   # not the runs' 60 s
+    out = capsys.readouterr().out
+    assert "profile quick: time limit 3s reached: every running run checkpoints" in out
+    assert sorted(l for l in out.splitlines() if l.endswith(" checkpointed")) == \
+        ["bn_b2_s1 checkpointed", "bn_b32_s1 checkpointed", "gn_b4_s1 checkpointed"]
+    assert out.splitlines()[-1] == (   # (gn_b32_s1, the fifth, never started)
+        "profile quick: time limit 3s reached: finished gn_b2_s1; checkpointed gn_b4_s1 "
+        "1->3/5 epochs (+7 steps), bn_b2_s1 0->3/5 epochs (+7 steps), bn_b32_s1 0->3/5 epochs "
+        "(+7 steps); 1 of 5 not trained in this call; the same command resumes")
+    assert not (tmp_path / "r.csv").exists()   # no report until every run has finished
+
+
+def test_a_signal_before_the_time_limit_keeps_its_exit_status(tmp_path, monkeypatch, data_found):
+    (tmp_path / "train.py").write_text(FAKE_TRAIN.format(repo=str(REPO)))
+    monkeypatch.setattr(sweep, "HERE", tmp_path)
+    stop = Stop()
+    threading.Timer(2, lambda: setattr(stop, "requested", "SIGTERM")).start()
+    code = sweep.main(["--profile", "quick", "--tasks", "0", "--time-limit", "1h",
+                       "--models-dir", str(tmp_path / "models"), "--results",
+                       str(tmp_path / "r.csv"), "--plot", str(tmp_path / "p.png")], stop=stop)
+    assert code == signals.PREEMPTED

@@ -617,6 +617,33 @@ def test_profile_runs_every_entry_then_reproduce_and_plot(cifar_dir, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 10_000 and (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.slow
+def test_a_time_limited_sweep_stops_with_status_0_and_the_same_command_finishes(cifar_dir,
+                                                                                tmp_path):
+    """The CPU queue's command: --time-limit ends the call with every run resumable, and the
+    same command (a longer limit) finishes the runs and writes the report."""
+    args = ["--profile", "quick", "--tasks", "4 9", "--epochs", "12", "--train-images", "200",
+            "--test-images", "100", "--jobs", "2", "--data-dir", cifar_dir,
+            "--models-dir", tmp_path / "models", "--logs-dir", tmp_path / "logs",
+            "--results", tmp_path / "results.csv", "--plot", tmp_path / "plot.png"]
+    first = run_train(*args, "--time-limit", "15s")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = first.stdout.splitlines()[-1]
+    assert summary.startswith("profile quick: time limit 15s reached: ") and \
+        summary.endswith("; the same command resumes")
+    assert not (tmp_path / "results.csv").exists()
+    second = run_train(*args, "--time-limit", "30m")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    import pandas as pd
+    assert sorted(pd.read_csv(tmp_path / "results.csv")["norm"]) == ["bn", "gn"]
+    for name in ("bn_b2_s1", "gn_b2_s1"):
+        record = json.loads((tmp_path / "models" / f"{name}.json").read_text())
+        assert [e["epoch"] for e in record["history"]] == list(range(1, 13))
+        if f"{name} 0->" in summary:   # stopped mid-run: two sessions, end to start
+            first_part, rest = record["segments"]
+            assert first_part["end"] == rest["start"] and rest["end"] == [12, 0]
+
+
 # --- BN's moving statistics: the rule a run started with -------------------------------------
 
 class AfterFirstCheckpoint:

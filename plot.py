@@ -232,7 +232,21 @@ def provenance(df, label=None, unit="point"):
                           for c in df["git_commit"].astype(str) if c})
         if commits:
             parts.append("commit " + ", ".join(commits))
+    if "trained_on" in df.columns:
+        parts.append(machines(df["trained_on"]))
     return ", ".join(p for p in parts if p)
+
+
+def machines(trained_on):
+    """'trained on A, B' from results.csv's trained_on cells ('A 0-96; B 96-100'), with
+    '(partly on machines not recorded)' where a run's record has training of unknown origin."""
+    names = {stretch.rsplit(" ", 1)[0] if stretch[-1:].isdigit() else stretch
+             for cell in trained_on.dropna().astype(str) for stretch in cell.split("; ") if cell}
+    known = sorted(names - {"unrecorded"})
+    if not names:
+        return ""
+    return ("trained on " + ", ".join(known) if known else "trained on machines not recorded") \
+        + (" (partly on machines not recorded)" if known and "unrecorded" in names else "")
 
 
 # ---------------------------------------------------------------- drawing

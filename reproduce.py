@@ -17,7 +17,8 @@ results.csv has one row per model, sorted by norm, batch size (descending), seed
 
     norm, groups, channels_per_group, batch_size, workers, moving_statistics, seed, epochs,
     test_error, test_loss, median_last5_error, params, model, evaluated   <- (errors in %)
-    train_images, test_images, profile, data_source, data_checksum, git_commit, date
+    train_images, test_images, profile, data_source, data_checksum, git_commit, date,
+    trained_on
 
 evaluated says where a row's test_error and test_loss come from: "model", this script's
 evaluation of the saved model; or "record", for a finished run whose run record is in the
@@ -31,7 +32,8 @@ channels_per_group is C / G where that is (gn with --channels-per-group; in: 1).
 
 median_last5_error is the paper's statistic (median test error of the final 5
 epochs), taken from the run's history; the last columns are provenance from the
-run record (date: the day the run finished). Numbers are written as a person reads
+run record (date: the day the run finished; trained_on: the machine of each stretch of
+training, e.g. 'NVIDIA H200 0-96; AMD EPYC 9B14 96-100', the epochs done at its ends). Numbers are written as a person reads
 them: errors to 2 decimals, the loss to 4 (the reproduced error is compared with
 the run record's before rounding). The file is written atomically. A model that
 cannot be read, or has no run record, is named, the others are still evaluated,
@@ -83,7 +85,7 @@ COLUMNS = ["norm", "groups", "channels_per_group", "batch_size", "workers", "mov
            "seed", "epochs", "test_error", "test_loss", "median_last5_error", "params", "model",
            "evaluated"]
 PROVENANCE = ["train_images", "test_images", "profile", "data_source", "data_checksum",
-              "git_commit", "date"]
+              "git_commit", "date", "trained_on"]
 CONFIG_KEYS = ["norm", "groups", "batch_size", "workers", "seed", "epochs"]
 DISAGREE = 0.05   # percentage points: warn if the reproduced error differs more from the record's
 DECIMALS = {"test_error": 2, "median_last5_error": 2,   # % (10,000 test images: 0.01 % steps)
@@ -236,8 +238,25 @@ def make_row(record, model_path, test_loss, test_error, params, evaluated="model
                test_images=data.get("test_images", config.get("test_images")),
                profile=config.get("profile", ""), data_source=data.get("source", ""),
                data_checksum=data.get("checksum", ""), git_commit=record.get("git_commit", ""),
-               date=run_date(record, model_path))
+               date=run_date(record, model_path), trained_on=trained_on(record))
     return row
+
+
+def trained_on(record):
+    """Where the run trained, from its record's segments: 'MACHINE A-B' per stretch, A and B
+    the epochs done at its start and end ('unrecorded' for training from before records
+    kept segments); a record without segments: its machine, else GPU or CPU."""
+    segments = record.get("segments")
+    if not segments:
+        return record.get("machine") or ("GPU" if record.get("gpus") else "CPU")
+    stretches = []   # [machine, first epoch, last epoch], consecutive ones on one machine merged
+    for s in segments:
+        machine = s.get("machine", "unrecorded") if s.get("recorded", True) else "unrecorded"
+        if stretches and stretches[-1][0] == machine and stretches[-1][2] == s["start"][0]:
+            stretches[-1][2] = s["end"][0]
+        else:
+            stretches.append([machine, s["start"][0], s["end"][0]])
+    return "; ".join(f"{m} {a}-{b}" for m, a, b in stretches)
 
 
 def groups_of(config):

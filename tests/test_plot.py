@@ -127,6 +127,17 @@ def test_provenance_line():
                                            "commit abcdef1-dirty")
 
 
+def test_provenance_says_where_the_points_were_trained():
+    df = results()
+    df["trained_on"] = ["NVIDIA H200 0-100"] * 6 + ["unrecorded 0-7; AMD EPYC 9B14 7-100"] * 6
+    assert plot.provenance(df).endswith(
+        ", trained on AMD EPYC 9B14, NVIDIA H200 (partly on machines not recorded)")
+    df["trained_on"] = ["CPU"] * 12   # (results.csv from records without segments)
+    assert plot.provenance(df).endswith(", trained on CPU")
+    df["trained_on"] = ["unrecorded 0-3; unrecorded 3-5"] * 12
+    assert plot.provenance(df).endswith(", trained on machines not recorded")
+
+
 def test_provenance_without_optional_columns():
     df = results().drop(columns=list(PROVENANCE))
     assert plot.provenance(df) == "8 epochs, 1-3 seeds per point"

@@ -111,7 +111,21 @@ def test_same_numbers_as_the_runs_own_evaluation(reproduced, trained):
         assert row.data_checksum == rec["data"]["checksum"]
         assert row.git_commit == rec["git_commit"]
         assert row.date == rec["finished_at"][:10]
+        assert row.trained_on == f"{rec['machine']} 0-2" and rec["machine"]   # one session
     assert "warning" not in reproduced[2]
+
+
+def test_trained_on_names_each_stretch_of_training_and_merges_one_machines():
+    gpu, cpu = {"machine": "NVIDIA H200"}, {"machine": "AMD EPYC 9B14"}
+    segments = [{"start": [0, 0], "end": [42, 84], "recorded": False},
+                {"start": [42, 84], "end": [90, 56], **gpu},
+                {"start": [90, 56], "end": [95, 0], **cpu}, {"start": [95, 0], "end": [100, 0], **cpu}]
+    assert reproduce.trained_on({"segments": segments}) == \
+        "unrecorded 0-42; NVIDIA H200 42-90; AMD EPYC 9B14 90-100"
+    # records from before segments: the record's machine, else what its devices say
+    assert reproduce.trained_on({"machine": "NVIDIA H200"}) == "NVIDIA H200"
+    assert reproduce.trained_on({"gpus": ["cuda:0"]}) == "GPU"
+    assert reproduce.trained_on({"gpus": []}) == "CPU"
 
 
 def test_plot_of_the_reproduced_results(reproduced, tmp_path):

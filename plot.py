@@ -686,7 +686,8 @@ def data_line(df, metric):
             for r, n in rules.value_counts().sort_index().items()))
     if "evaluated" in df.columns and (df["evaluated"] == "record").any():
         parts.append(f"{int((df['evaluated'] == 'record').sum())} of {len(df)} rows from the "
-                     f"runs' own records (evaluated=record: their models were not kept)")
+                     f"runs' own final evaluation in their records (evaluated=record: the "
+                     f"model files that results.csv names were not kept)")
     return "; ".join(parts) + "."
 
 
@@ -701,10 +702,40 @@ def figure1_table(df):
                          by_batch_size(df[df.norm == norm], metric)))
     lines.append(row("BN \u2212 GN (per seed)",
                      paired_gap(df[df.norm == "bn"], df[df.norm == "gn"], metric)))
-    lines += [row(f"Wu & He, Table 2, {n.upper()} (ResNet-50, ImageNet, 8 workers)",
+    lines += [row(f"[Wu & He](https://arxiv.org/abs/1803.08494), Table 2, {n.upper()} "
+                  f"(ResNet-50, ImageNet, 8 workers)",
                   PAPER_IMAGENET[n]) for n in ("bn", "gn")]
-    lines += [row(f"BeFranke/GroupNorm, {n.upper()} (ResNet-20, CIFAR-10, mean of 5 seeds)",
+    lines += [row(f"[BeFranke/GroupNorm](https://github.com/BeFranke/GroupNorm), {n.upper()} "
+                  f"(ResNet-20, CIFAR-10, mean of 5 seeds)",
                   [f"{v:.2f}" for v in BEFRANKE[n]]) for n in ("bn", "gn")]
+    return "\n".join(lines)
+
+
+def figure1_status(df):
+    """The front page's status: how many of Figure 1's paper-scale runs are done (a row of
+    results.csv at W = 8 and 100 epochs: BN and GN, each N, the profile's seeds) and which
+    seeds each point has; what the paper's claim still lacks."""
+    paper = df[(df.workers == recipe.WORKERS) & (df.epochs == recipe.EPOCHS)
+               & df.norm.isin(["bn", "gn"]) & df.batch_size.isin(BATCH_SIZES)
+               & df.seed.isin(recipe.SEEDS)]
+    done = {(r.norm, int(r.batch_size), int(r.seed)) for r in paper.itertuples()}
+    total = 2 * len(BATCH_SIZES) * len(recipe.SEEDS)
+    small = [n for n in BATCH_SIZES if n <= 8]
+    bn_small = sorted({n for norm, n, _ in done if norm == "bn" and n in small}, reverse=True)
+    if not bn_small:
+        claim = (f"BN's rise at {', '.join(map(str, small[:-1]))} and {small[-1]} images per "
+                 f"worker, the paper's claim, has not run yet.")
+    else:
+        claim = (f"BN's rise at small batches has runs at N = {', '.join(map(str, bn_small))} "
+                 f"of {', '.join(map(str, small))}.")
+    lines = [f"**Status: {len(done)} of Figure 1's {total} paper-scale runs are done** (BN and "
+             f"GN at {len(BATCH_SIZES)} batch sizes, {len(recipe.SEEDS)} seeds each). {claim}",
+             "", row("seeds done", [f"N = {BATCH_SIZES[0]}", *BATCH_SIZES[1:]]),
+             "|---|" + "---:|" * len(BATCH_SIZES)]
+    for norm in ("bn", "gn"):
+        lines.append(row(norm.upper(), [", ".join(str(s) for s in recipe.SEEDS
+                                                  if (norm, n, s) in done) or "\u2013"
+                                        for n in BATCH_SIZES]))
     return "\n".join(lines)
 
 
@@ -773,6 +804,7 @@ def bnstats_table(df):
 
 # name: (the results file, relative to the repository; the table's markdown from its rows)
 TABLES = {
+    "figure1-status": ("results.csv", figure1_status),
     "figure1": ("results.csv", figure1_table),
     "quick": ("results/quick/results.csv", quick_table),
     "he-quick": ("results/he-quick/results.csv", control_table),

@@ -60,7 +60,7 @@ def test_a_number_changed_by_hand_is_found_and_rewritten(tmp_path, capsys):
     root = copy_of_the_docs(tmp_path)
     readme = root / "README.md"
     text = readme.read_text()
-    block = plot.BLOCK.search(text)   # the first table: Figure 1's
+    block = next(b for b in plot.BLOCK.finditer(text) if b.group(2) == "figure1")
     number = re.search(r"\d+\.\d\d", block.group(3)).group(0)
     wrong = text[:block.start(3)] + block.group(3).replace(number, "99.99", 1) + text[block.end(3):]
     readme.write_text(wrong)
@@ -92,3 +92,25 @@ def test_the_command_says_which_table_is_stale(tmp_path):
                                          ([1.0, 3.0], "2.00 \u00b1 1.41 (n=2)")])
 def test_a_cell_shows_mean_sd_and_the_number_of_seeds(cells, want):
     assert plot.summary(cells) == want
+
+
+def test_the_front_page_says_in_its_first_lines_how_many_runs_are_done(tmp_path):
+    """The status line is generated from results.csv: fewer rows, a smaller count."""
+    head = "\n".join((REPO / "README.md").read_text().splitlines()[:15])
+    assert re.search(r"\*\*Status: \d+ of Figure 1's 30 paper-scale runs are done\*\*", head)
+    assert "<!-- table figure1-status -->" in head and "| BN |" in head and "| GN |" in head
+    root = copy_of_the_docs(tmp_path)
+    import pandas as pd
+    df = pd.read_csv(root / "results.csv")
+    before = plot.table_text("figure1-status", root)
+    count = int(re.search(r"Status: (\d+) of", before).group(1))
+    assert count == len(df[(df.workers == 8) & (df.epochs == 100)])
+    df[df.norm != "gn"].to_csv(root / "results.csv", index=False)   # the GN runs gone
+    assert plot.update_tables(root, check=True) == [("README.md", "figure1-status"),
+                                                    ("README.md", "figure1")]
+    plot.update_tables(root)
+    after = (root / "README.md").read_text()
+    gn_done = len(df[(df.norm == "gn") & (df.workers == 8) & (df.epochs == 100)])
+    assert f"Status: {count - gn_done} of Figure 1's 30" in after
+    assert "| GN | \u2013 | \u2013 | \u2013 | \u2013 | \u2013 |" in after
+

@@ -449,7 +449,7 @@ def run_record(m, data, test_loss, test_error, devices, loop):
         # XLA's flags (JAX): command buffers (CUDA graphs) and determinism are set there
         "xla_flags": os.environ.get("XLA_FLAGS", "") if backends.name() == "jax" else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **runfiles.provenance(),
+        **runfiles.session_provenance(state),   # the last session's, as it started
     }
 
 

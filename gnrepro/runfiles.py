@@ -318,6 +318,16 @@ def open_segment(state, loop):
                      "loop": loop, **provenance()})
 
 
+def session_provenance(state):
+    """provenance() of the session that finishes the run, as its segment took it when the
+    session started: the code it loaded then, even if the checkout has moved on since."""
+    segments = state.get("segments") or []
+    if not segments or segments[-1].get("recorded") is False:
+        return provenance()
+    keys = ("git_commit", "versions", "host", "machine", "cpus", "gpus", "intra_op_threads")
+    return {k: segments[-1][k] for k in keys}
+
+
 def close_segment(state):
     """Bring the current segment's end up to where the run stands now."""
     state["segments"][-1].update(end=[state["epoch"], state["step"]],

@@ -660,6 +660,16 @@ def bn_run(cifar_dir, root, *extra):
             "--models-dir", str(root), "--logs-dir", str(root / "logs"), *extra]
 
 
+def test_the_record_names_the_commit_the_run_started_from(cifar_dir, tmp_path, monkeypatch):
+    """A commit made while a run trains does not become the run's: its record names the
+    commit its session loaded (the segment's), not HEAD at the end."""
+    commits = iter(["started-here", "committed-meanwhile"])
+    monkeypatch.setattr(runfiles, "git_commit", lambda: next(commits, "committed-meanwhile"))
+    assert train.main(bn_run(cifar_dir, tmp_path)) == 0
+    record = json.loads((tmp_path / "bn_b2_w8_s1.json").read_text())
+    assert record["git_commit"] == record["segments"][-1]["git_commit"] == "started-here"
+
+
 @pytest.mark.slow
 def test_a_checkpoint_from_before_the_rule_resumes_with_the_mean_it_started_with(cifar_dir,
                                                                                  tmp_path, capsys):

@@ -334,6 +334,7 @@ def warn(message):
 
 def main(argv=None, args=None):
     args = args or parse_args(argv)
+    startup.no_retracing_warning()   # one predict function per model: TensorFlow's false alarm
     paths = find_models(args.models_dir)
     if args.profile:
         paths += [p for p in shared_models(args.profile) if p not in paths]

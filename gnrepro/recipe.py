@@ -411,9 +411,18 @@ examples:
 """
 
 
+USAGE = """\
+%(prog)s --norm NORM --batch-size N [--seed S] [options]  # one run
+       %(prog)s --task I [--profile P] [options]                 # a grid entry
+       %(prog)s --profile P [--time-limit T] [options]           # a whole profile
+       %(prog)s --grid [--profile P]                             # print the grid"""
+
+
 def parse_args(argv=None):
-    """train.py's command line (the sweep's too): (parser, arguments), checked."""
-    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, epilog=EXAMPLES,
+    """train.py's command line (the sweep's too): (parser, arguments), checked. The help leads
+    with what a user runs; how it runs (files, devices, threads, speed) follows."""
+    p = argparse.ArgumentParser(prog="train.py", usage=USAGE, description=DESCRIPTION,
+                                epilog=EXAMPLES, add_help=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for add in (_what_to_run, _one_run, _files, _how_to_run):
         add(p)
@@ -424,14 +433,28 @@ def parse_args(argv=None):
 
 def _what_to_run(p):
     what = p.add_argument_group("what to run")
-    what.add_argument("--task", type=int, help="run the I-th entry of the sweep grid (see --grid)")
+    what.add_argument("--norm", choices=NORMS,
+                      help="the normalization: bn, gn, ln (GN with one group) or in (one "
+                           "channel per group)")
+    what.add_argument("--batch-size", type=int, metavar="N", help="images per worker")
+    what.add_argument("--seed", type=int, metavar="S",
+                      help="the run's seed (default: the grid entry's; else the first of "
+                           "--seeds, or 1)")
+    what.add_argument("--profile", choices=list(PROFILES), metavar="P",
+                      help=f"a study at a scale (PROFILES; default: Figure 1 at the paper's "
+                           f"scale); alone, runs its whole grid, then reproduce.py and plot.py "
+                           f"(sweep.py). One of {', '.join(PROFILES)}")
+    what.add_argument("--time-limit", type=duration, metavar="T",
+                      help="(whole profile) stop this long after the start, e.g. 2h30m or "
+                           "2:30:00: every running run checkpoints (as on SIGUSR1), and the "
+                           "command exits 0 with a line saying each run's epochs; the same "
+                           "command resumes (one run: timeout -s USR1 2h python train.py ...)")
+    what.add_argument("--task", type=int, metavar="I",
+                      help="run the I-th entry of the sweep grid (see --grid)")
     what.add_argument("--grid", action="store_true", help="print the sweep grid and exit")
-    what.add_argument("--profile", choices=list(PROFILES),
-                      help="a study at a scale (PROFILES); alone, runs its whole grid, then "
-                           "reproduce.py and plot.py (sweep.py) (default: Figure 1 at the paper's "
-                           "scale)")
-    what.add_argument("--tasks", type=_ints, help="(whole profile) only these grid entries, e.g. '0 3 5'")
-    what.add_argument("--seeds", type=_ints,
+    what.add_argument("--tasks", type=_ints, metavar="'I ...'",
+                      help="(whole profile) only these grid entries, e.g. '0 3 5'")
+    what.add_argument("--seeds", type=_ints, metavar="'S ...'",
                       help="the grid with these seeds instead of the profile's, e.g. '1 2 3' "
                            "(give it to --grid and --task alike: it renumbers the grid)")
     what.add_argument("--pack", action="store_true",
@@ -440,27 +463,20 @@ def _what_to_run(p):
                            "a member's files are its solo run's")
     what.add_argument("--no-pack", action="store_true",
                       help="(whole profile) every grid entry in a process of its own, no packs")
-    what.add_argument("--time-limit", type=duration, metavar="DURATION",
-                      help="(whole profile) stop this long after the start, e.g. 2h30m or "
-                           "2:30:00: every running run checkpoints (as on SIGUSR1), and the "
-                           "command exits 0 with a line saying each run's epochs; the same "
-                           "command resumes (one run: timeout -s USR1 2h python train.py ...)")
 
 
 def _one_run(p):
-    run = p.add_argument_group("one run (override the profile's or the grid entry's settings)")
-    run.add_argument("--norm", choices=NORMS)
-    run.add_argument("--batch-size", type=int, help="images per worker, N")
-    run.add_argument("--workers", type=int,
+    run = p.add_argument_group("more of a run's settings (override the profile's or the grid "
+                               "entry's)")
+    run.add_argument("--workers", type=int, metavar="W",
                      help=f"W workers of N images per step, BN statistics per worker "
                           f"(default: the profile's; {WORKERS} at the paper's scale)")
-    run.add_argument("--seed", type=int)
-    run.add_argument("--epochs", type=int,
+    run.add_argument("--epochs", type=int, metavar="E",
                      help=f"training epochs (default: the schedule's, {EPOCHS} for the paper's); "
                           f"the drops scale with it, each phase at least one epoch long: a run of "
                           f"E epochs keeps at most E - 1 drops, the first ones (2 epochs: one "
                           f"drop, after epoch 1)")
-    run.add_argument("--learning-rate", type=float,
+    run.add_argument("--learning-rate", type=float, metavar="LR",
                      help="a fixed learning rate before the drops, instead of 0.1 * N / 32")
     run.add_argument("--schedule", choices=list(SCHEDULES),
                      help="the GN paper's (100 epochs, /10 after 30, 60, 90; default) or He et "
@@ -469,44 +485,53 @@ def _one_run(p):
                      help="BN with W > 1 workers: inference's moving mean and variance from the "
                           "first worker's N images (default, as the paper's code) or from the "
                           "mean over the W workers")
-    run.add_argument("--groups", type=int, help=f"GroupNorm groups (default {GROUPS})")
-    run.add_argument("--channels-per-group", type=int,
+    run.add_argument("--groups", type=int, metavar="G", help=f"GroupNorm groups (default {GROUPS})")
+    run.add_argument("--channels-per-group", type=int, metavar="C",
                      help="GroupNorm with this many channels per group in every layer, instead "
                           "of a fixed number of groups")
-    run.add_argument("--train-images", type=int, help="class-balanced subset of K training images")
-    run.add_argument("--test-images", type=int, help="class-balanced subset of the test images")
+    run.add_argument("--train-images", type=int, metavar="K",
+                     help="class-balanced subset of K training images")
+    run.add_argument("--test-images", type=int, metavar="K",
+                     help="class-balanced subset of K test images")
 
 
 def _files(p):
     io = p.add_argument_group("files")
-    io.add_argument("--data-dir", help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz "
-                                       "(default: $CIFAR10_DIR, else the Keras cache, downloading)")
-    io.add_argument("--models-dir", help="default: models/, or models/P/ for a profile P other "
-                                         "than the paper's Figure 1 (profile_paths)")
-    io.add_argument("--logs-dir", help="default: logs/, or logs/P/")
-    io.add_argument("--results", help="(whole profile) results file (default: results.csv, or "
-                                      "results/P/results.csv)")
-    io.add_argument("--plot", help="(whole profile) figure file (default: plot.png, or "
-                                   "results/P/plot.png; curves.png beside it)")
+    io.add_argument("--data-dir", metavar="DIR",
+                    help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz (default: "
+                         "$CIFAR10_DIR, else the Keras cache, downloading)")
+    io.add_argument("--models-dir", metavar="DIR",
+                    help="default: models/, or models/P/ for a profile P other than the paper's "
+                         "Figure 1 (profile_paths)")
+    io.add_argument("--logs-dir", metavar="DIR", help="default: logs/, or logs/P/")
+    io.add_argument("--results", metavar="CSV",
+                    help="(whole profile) results file (default: results.csv, or "
+                         "results/P/results.csv)")
+    io.add_argument("--plot", metavar="PNG",
+                    help="(whole profile) figure file (default: plot.png, or results/P/plot.png; "
+                         "curves.png beside it)")
     io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
                                     "e.g. 'CIFAR-10 (JPEG copy)'")
 
 
 def _how_to_run(p):
-    p.add_argument("--devices", type=int,
-                   help="K devices (GPUs): TensorFlow's MirroredStrategy or JAX's DataParallel, "
-                        "each holding W / K workers: the same experiment (default: as many "
-                        "visible GPUs as divide W)")
-    p.add_argument("--force", action="store_true", help="retrain a finished run, drop a checkpoint")
-    p.add_argument("--loop", choices=("auto", "fit", "scan"), default="auto",
-                   help="training loop: model.fit, or (JAX) several steps fused per compiled call "
-                        "(backends.ScanLoop); auto: scan on JAX with a GPU, fit elsewhere")
-    p.add_argument("--jobs", type=int, help="(whole profile) runs at a time (default: one per "
-                                            "core on a CPU, 1 with a GPU)")
-    p.add_argument("--threads", type=int, default=THREADS,
-                   help=f"intra-op threads per process (TensorFlow, XLA on a CPU, torch), "
-                        f"0 = one per core "
-                        f"(default {THREADS}: see THREADS in gnrepro/recipe.py)")
+    how = p.add_argument_group("how to run")
+    how.add_argument("--devices", type=int, metavar="K",
+                     help="K devices (GPUs): TensorFlow's MirroredStrategy or JAX's DataParallel, "
+                          "each holding W / K workers: the same experiment (default: as many "
+                          "visible GPUs as divide W)")
+    how.add_argument("--force", action="store_true",
+                     help="retrain a finished run, drop a checkpoint")
+    how.add_argument("--loop", choices=("auto", "fit", "scan"), default="auto",
+                     help="training loop: model.fit, or (JAX) several steps fused per compiled "
+                          "call (backends.ScanLoop); auto: scan on JAX with a GPU, fit elsewhere")
+    how.add_argument("--jobs", type=int, metavar="J",
+                     help="(whole profile) runs at a time (default: one per core on a CPU, 1 "
+                          "with a GPU)")
+    how.add_argument("--threads", type=int, default=THREADS, metavar="T",
+                     help=f"intra-op threads per process (TensorFlow, XLA on a CPU, torch), "
+                          f"0 = one per core (default {THREADS}: see THREADS in gnrepro/recipe.py)")
+    how.add_argument("-h", "--help", action="help", help="show this help message and exit")
     gpu = p.add_argument_group("speed options for GPUs (off by default; see python bench.py train)")
     gpu.add_argument("--mixed-precision", action="store_true",
                      help="mixed_float16: float16 convolutions, float32 weights, normalization "
@@ -514,7 +539,7 @@ def _how_to_run(p):
     gpu.add_argument("--bfloat16", action="store_true",
                      help="mixed_bfloat16: bfloat16 convolutions, float32 weights, normalization "
                           "statistics, logits and loss (no loss scaling)")
-    gpu.add_argument("--unroll", type=int,
+    gpu.add_argument("--unroll", type=int, metavar="U",
                      help=f"(scan loop) steps per iteration of the compiled loop, lax.scan's "
                           f"unroll (default {STEP_OPTIONS['unroll']}); recorded in the run record")
 

@@ -15,8 +15,17 @@ reaches, so quiet() drops those lines (absl's I and W lines, and its WARNING lin
 process's stderr while the library is imported. Both only where the user has not set
 TF_CPP_MIN_LOG_LEVEL: their own value wins, and with it every line comes through. JAX and
 PyTorch print nothing at start-up on a CPU. Python's own warnings and errors always pass.
+
+Later, one line of TensorFlow's Python logger: `WARNING:tensorflow:5 out of the last 5 calls to
+<function TensorFlowTrainer.make_predict_function.<locals>.one_step_on_data_distributed ...>
+triggered tf.function retracing`. Keras compiles one predict function per model, all of the
+same Python code, and TensorFlow counts their first traces together (5 of its last 10 calls,
+at most twice), so a process that evaluates five models or more (reproduce.py) is told it
+retraces too often. Each model is traced once, as it must be (its own weights), and Keras
+already asks for reduce_retracing: no_retracing_warning() drops that message alone.
 """
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -71,3 +80,16 @@ def quiet():
         os.dup2(saved, 2)   # the pipe's last writer is gone: the relay reads to EOF and ends
         relay.join()
         os.close(saved)
+
+
+RETRACING = "triggered tf.function retracing"   # TensorFlow's warning, see the top
+
+
+def _not_retracing(record):
+    return RETRACING not in record.getMessage()
+
+
+def no_retracing_warning():
+    """Drop TensorFlow's retracing warning (RETRACING) from its Python logger; its other
+    messages pass. For a process that evaluates one model after another. Idempotent."""
+    logging.getLogger("tensorflow").addFilter(_not_retracing)

@@ -12,10 +12,12 @@ test_slurm.py), and first contact: a new user's commands without CIFAR-10 on dis
   exits with status 73 (runfiles.BUSY); a killed holder's lock and temporaries go;
 - without data, every runner (make quick, train.sh, sweep.py, train.py) says so once, with
   no traceback, non-zero; --grid and --help start no backend; no command prints TensorFlow's
-  start-up lines (read from the captured output).
+  start-up lines (read from the captured output); --help's first screen shows the options a
+  user runs (--norm, --batch-size, --seed, --profile, --time-limit).
 """
 import contextlib
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -268,6 +270,22 @@ def test_grid_and_help_start_no_backend_and_print_no_library_line(args):
         assert result.stdout.startswith("# ") and " bn_b32" in result.stdout
 
 
+def test_the_help_leads_with_what_a_user_runs():
+    """train.py --help in an 80-column terminal: a short usage, then, in its first screen (25
+    lines), the options a user runs, --norm first; how it runs (--devices, --threads, -h) after."""
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO,
+                            env=user_env(COLUMNS=80), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    usage = lines[:lines.index("")]
+    assert usage[0].startswith("usage: train.py --norm ") and len(usage) <= 5, usage
+    options = [line.split()[0] for line in lines if line.startswith("  -")]
+    assert options[:5] == ["--norm", "--batch-size", "--seed", "--profile", "--time-limit"]
+    first_screen = [line.split()[0] for line in lines[:25] if line.startswith("  -")]
+    assert options[:5] == first_screen[:5], "\n".join(lines[:25])
+    assert options.index("--time-limit") < options.index("--devices") < options.index("-h,")
+
+
 def test_a_grid_read_only_in_part_ends_without_a_traceback():
     """python train.py --grid | head -1: the reader goes before the grid is written (here at
     once); train.py exits with status 0 and prints nothing on stderr."""
@@ -347,6 +365,26 @@ def test_absls_lines_are_dropped_unless_the_user_set_the_level(users, shown):
     assert result.stdout.strip() == (users or startup.DEFAULTS["TF_CPP_MIN_LOG_LEVEL"])
     assert [line.split()[0] for line in result.stderr.splitlines() if "WARNING" not in line] \
         == shown
+
+
+def test_only_tensorflows_retracing_warning_is_dropped():
+    """startup.no_retracing_warning (reproduce.py's) drops that message of TensorFlow's logger,
+    once however often it is installed; another warning of the same logger passes."""
+    logger, seen = logging.getLogger("tensorflow"), []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    try:
+        startup.no_retracing_warning()
+        startup.no_retracing_warning()
+        logger.warning("5 out of the last 5 calls to <function %s at 0x1> triggered tf.function "
+                       "retracing. Tracing is expensive ...", "one_step_on_data_distributed")
+        logger.warning("another warning")
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(startup._not_retracing)
+    assert [r.getMessage() for r in seen] == ["another warning"]
+    assert startup._not_retracing not in logger.filters
 
 
 def test_a_default_inherited_from_a_parent_process_is_not_the_users():

@@ -57,15 +57,15 @@ slurm-deps:
 
 # The layer and the whole pipeline under the other Keras backends (no TensorFlow in that venv).
 test-backends: $(BVENV)/.stamp
-	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_workers.py tests/test_backends.py tests/test_packs.py
+	KERAS_BACKEND=jax $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_convert.py tests/test_workers.py tests/test_backends.py tests/test_packs.py
 	KERAS_BACKEND=torch $(BVENV)/bin/python -m pytest -q tests/test_layer.py tests/test_workers.py tests/test_backends.py
 
 # The inner loop (about 3 minutes on 2 cores): the layer, the builder, the recipe, the data and
 # the pipeline on tiny fixtures, under TensorFlow; no SLURM, no second virtualenv, none of the
 # tests marked slow (whole sweeps, resumes after a kill, real data). Before a submission:
 # make test.
-FAST := test_layer test_imports test_readme test_cifar10 test_train test_studies test_sweep \
-	test_reproduce test_plot test_faults test_workers test_paper_scale
+FAST := test_layer test_convert test_imports test_readme test_cifar10 test_train test_studies \
+	test_sweep test_reproduce test_plot test_faults test_workers test_paper_scale
 test-fast: $(VENV)/.stamp
 	$(BIN)/python -m pytest -q -m "not slow" $(FAST:%=tests/%.py)
 

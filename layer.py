@@ -9,6 +9,7 @@ workers that each normalize their own N images).
     x = GroupNormalization(groups=-1)(x)         # InstanceNorm: one channel per group
     x = WorkerBatchNormalization(workers=8)(x)   # BN statistics per eighth of the batch
                                                  # (moving averages: the first eighth's)
+    gn_model = replace_batchnorm(bn_model, groups=32)   # a copy, GroupNorm in each BN's place
 
 Written with `keras.ops` only, so it runs under the TensorFlow, JAX and PyTorch
 backends. For each sample and each group of C/G channels it takes the mean and the
@@ -319,3 +320,127 @@ class WorkerBatchNormalization(keras.layers.BatchNormalization):
     def get_config(self):
         return {**super().get_config(), "workers": self.workers,
                 "moving_statistics": self.moving_statistics}
+
+
+FALLBACKS = (None, "largest-divisor")   # replace_batchnorm's rules where groups does not divide
+
+
+def _groups_for(bn, channels, groups, fallback):
+    """The groups of the GroupNorm that replaces `bn` (`channels` channels), or a ValueError."""
+    if groups == -1 or channels % groups == 0:
+        return groups
+    largest = max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
+    if fallback is None:
+        raise ValueError(f"groups={groups} does not divide the {channels} channels of layer "
+                         f"'{bn.name}': pass groups that divide every BatchNormalization's "
+                         f"channels, or fallback='largest-divisor' (this layer would get "
+                         f"{largest} groups)")
+    return largest
+
+
+def _group_norm_like(bn, groups, fallback):
+    """A GroupNormalization in place of the built BatchNormalization `bn`, with its gamma and
+    beta (values and trainability), axis, epsilon, name and dtype policy."""
+    config = bn.get_config()
+    channels = bn.moving_mean.shape[0]   # BN always has it; gamma and beta are optional
+    keep = ("axis", "epsilon", "center", "scale", "trainable") + tuple(
+        f"{w}_{part}" for w in ("beta", "gamma")
+        for part in ("initializer", "regularizer", "constraint"))
+    # Unbuilt: clone_model builds it on the BN's input, then _copy_weights sets the values.
+    return GroupNormalization(groups=_groups_for(bn, channels, groups, fallback),
+                              name=bn.name, dtype=bn.dtype_policy,
+                              **{k: config[k] for k in keep})
+
+
+def _copy_weights(old, new):
+    """Copies old's weights into its clone `new`; a BN into its GroupNorm: gamma and beta."""
+    if isinstance(old, keras.layers.BatchNormalization):
+        for name in ("gamma", "beta"):
+            if getattr(old, name) is not None:
+                getattr(new, name).assign(getattr(old, name))
+    else:
+        new.set_weights(old.get_weights())
+
+
+def _call(layer, *args, **kwargs):
+    """A clone's call in a Functional model: the BN's recorded call passes mask=, which
+    GroupNormalization.call does not take (the mask still passes through it)."""
+    if isinstance(layer, GroupNormalization):
+        kwargs.pop("mask", None)
+    return layer(*args, **kwargs)
+
+
+def _inputs_like(model):
+    """New inputs for a clone of the Functional `model`, named as its input layers:
+    clone_model's own take the names of the input tensors ('keras_tensor_3')."""
+    names = {id(each.output): each.name for each in model.layers
+             if isinstance(each, keras.layers.InputLayer)}
+    return keras.tree.map_structure(
+        lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=names.get(id(x), x.name)),
+        model.input)
+
+
+def _check_graph_model(model, what):
+    """A ValueError unless `model` is a Functional (a keras.Function) or Sequential model,
+    the kinds whose layers clone_model can see."""
+    if not isinstance(model, keras.Model) or not isinstance(model, (keras.Sequential,
+                                                                    keras.Function)):
+        raise ValueError(f"{what} should be a Functional or Sequential keras.Model (their "
+                         f"layers can be replaced), got {type(model).__name__}: a subclassed "
+                         f"model has to swap its BatchNormalization layers in its own code")
+
+
+def replace_batchnorm(model, groups=32, fallback=None):
+    """A new model: `model` with each BatchNormalization layer replaced by GroupNormalization.
+
+        import keras, layer
+        gn_model = layer.replace_batchnorm(keras.applications.ResNet50(weights=None), groups=32)
+
+    `model` is a built Functional or Sequential keras.Model; models used as layers inside it
+    are converted too (a subclassed model, at any depth, raises a ValueError). Every
+    keras.layers.BatchNormalization, subclasses included, is replaced: this repo's
+    WorkerBatchNormalization too (GroupNorm does not depend on the batch, so its workers have
+    nothing to split). Each GroupNorm keeps its BN's axis, epsilon (Keras' BN default is
+    1e-3, not the paper's 1e-5), name, dtype policy, center/scale, gamma and beta (values,
+    initializers, regularizers, constraints) and `trainable` (False freezes gamma and beta;
+    there are no moving statistics left to use, and the BN's are dropped). Every other layer
+    is a copy (keras.models.clone_model) with the old weights; the old model is untouched.
+
+    groups: G for every layer, as GroupNormalization's (-1: one channel per group).
+    fallback: where G does not divide a layer's channels C: None (the default) raises a
+        ValueError naming the layer and C; "largest-divisor" gives that layer the largest
+        divisor of C that is at most G (48 channels, G = 32: 24 groups).
+    """
+    _check_groups(groups)
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback should be one of {FALLBACKS} (raise, or the largest "
+                         f"divisor of the channels up to groups), got fallback={fallback!r}")
+    _check_graph_model(model, "model")
+    if not model.built:
+        raise ValueError(f"model '{model.name}' is not built (its weights do not exist yet): "
+                         f"give it an Input or call it on a batch first")
+    clones = {}   # id(old layer) -> (old, new), shared by the nested models' clones
+
+    def clone(layer):
+        if id(layer) not in clones:
+            if isinstance(layer, keras.Model):
+                _check_graph_model(layer, f"layer '{layer.name}'")
+                # Sequential models take no call_function (their layers are not called).
+                graph = {} if isinstance(layer, keras.Sequential) else {
+                    "call_function": _call, "input_tensors": _inputs_like(layer)}
+                new = keras.models.clone_model(layer, clone_function=clone, **graph)
+                # clone_model makes Functional models trainable whatever the old one was.
+                if not layer.trainable:
+                    new.trainable = False
+            elif isinstance(layer, keras.layers.BatchNormalization):
+                new = _group_norm_like(layer, groups, fallback)
+            else:
+                new = layer.__class__.from_config(layer.get_config())
+            clones[id(layer)] = (layer, new)
+        return clones[id(layer)][1]
+
+    new_model = clone(model)
+    for old, new in clones.values():
+        if not isinstance(old, keras.Model):
+            _copy_weights(old, new)
+    return new_model

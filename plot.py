@@ -724,7 +724,7 @@ def figure1_status(df):
     bn_small = sorted({n for norm, n, _ in done if norm == "bn" and n in small}, reverse=True)
     if not bn_small:
         claim = (f"BN's rise at {', '.join(map(str, small[:-1]))} and {small[-1]} images per "
-                 f"worker, the paper's claim, has not run yet.")
+                 f"worker, the paper's claim, has no result yet.")
     else:
         claim = (f"BN's rise at small batches has runs at N = {', '.join(map(str, bn_small))} "
                  f"of {', '.join(map(str, small))}.")

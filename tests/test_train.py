@@ -622,7 +622,7 @@ def test_a_time_limited_sweep_stops_with_status_0_and_the_same_command_finishes(
                                                                                 tmp_path):
     """The CPU queue's command: --time-limit ends the call with every run resumable, and the
     same command (a longer limit) finishes the runs and writes the report."""
-    args = ["--profile", "quick", "--tasks", "4 9", "--epochs", "12", "--train-images", "200",
+    args = ["--profile", "quick", "--tasks", "4 9", "--epochs", "6", "--train-images", "200",
             "--test-images", "100", "--jobs", "2", "--data-dir", cifar_dir,
             "--models-dir", tmp_path / "models", "--logs-dir", tmp_path / "logs",
             "--results", tmp_path / "results.csv", "--plot", tmp_path / "plot.png"]
@@ -638,10 +638,10 @@ def test_a_time_limited_sweep_stops_with_status_0_and_the_same_command_finishes(
     assert sorted(pd.read_csv(tmp_path / "results.csv")["norm"]) == ["bn", "gn"]
     for name in ("bn_b2_s1", "gn_b2_s1"):
         record = json.loads((tmp_path / "models" / f"{name}.json").read_text())
-        assert [e["epoch"] for e in record["history"]] == list(range(1, 13))
+        assert [e["epoch"] for e in record["history"]] == list(range(1, 7))
         if f"{name} 0->" in summary:   # stopped mid-run: two sessions, end to start
             first_part, rest = record["segments"]
-            assert first_part["end"] == rest["start"] and rest["end"] == [12, 0]
+            assert first_part["end"] == rest["start"] and rest["end"] == [6, 0]
 
 
 # --- BN's moving statistics: the rule a run started with -------------------------------------

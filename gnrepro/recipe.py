@@ -441,9 +441,9 @@ def _what_to_run(p):
                       help="the run's seed (default: the grid entry's; else the first of "
                            "--seeds, or 1)")
     what.add_argument("--profile", choices=list(PROFILES), metavar="P",
-                      help=f"a study at a scale (PROFILES; default: Figure 1 at the paper's "
-                           f"scale); alone, runs its whole grid, then reproduce.py and plot.py "
-                           f"(sweep.py). One of {', '.join(PROFILES)}")
+                      help=f"a study at a scale (default: Figure 1 at the paper's scale); alone, "
+                           f"runs its whole grid, then reproduce.py and plot.py. One of "
+                           f"{', '.join(PROFILES)} (-quick: the same study at laptop scale)")
     what.add_argument("--time-limit", type=duration, metavar="T",
                       help="(whole profile) stop this long after the start, e.g. 2h30m or "
                            "2:30:00: every running run checkpoints (as on SIGUSR1), and the "
@@ -502,7 +502,7 @@ def _files(p):
                          "$CIFAR10_DIR, else the Keras cache, downloading)")
     io.add_argument("--models-dir", metavar="DIR",
                     help="default: models/, or models/P/ for a profile P other than the paper's "
-                         "Figure 1 (profile_paths)")
+                         "Figure 1")
     io.add_argument("--logs-dir", metavar="DIR", help="default: logs/, or logs/P/")
     io.add_argument("--results", metavar="CSV",
                     help="(whole profile) results file (default: results.csv, or "
@@ -524,13 +524,14 @@ def _how_to_run(p):
                      help="retrain a finished run, drop a checkpoint")
     how.add_argument("--loop", choices=("auto", "fit", "scan"), default="auto",
                      help="training loop: model.fit, or (JAX) several steps fused per compiled "
-                          "call (backends.ScanLoop); auto: scan on JAX with a GPU, fit elsewhere")
+                          "call; auto: scan on JAX with a GPU, fit elsewhere")
     how.add_argument("--jobs", type=int, metavar="J",
                      help="(whole profile) runs at a time (default: one per core on a CPU, 1 "
                           "with a GPU)")
     how.add_argument("--threads", type=int, default=THREADS, metavar="T",
                      help=f"intra-op threads per process (TensorFlow, XLA on a CPU, torch), "
-                          f"0 = one per core (default {THREADS}: see THREADS in gnrepro/recipe.py)")
+                          f"0 = one per core (default {THREADS}: on a CPU, small batches train "
+                          f"fastest per core with one thread; run one process per core)")
     how.add_argument("-h", "--help", action="help", help="show this help message and exit")
     gpu = p.add_argument_group("speed options for GPUs (off by default; see python bench.py train)")
     gpu.add_argument("--mixed-precision", action="store_true",

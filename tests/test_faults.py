@@ -272,7 +272,8 @@ def test_grid_and_help_start_no_backend_and_print_no_library_line(args):
 
 def test_the_help_leads_with_what_a_user_runs():
     """train.py --help in an 80-column terminal: a short usage, then, in its first screen (25
-    lines), the options a user runs, --norm first; how it runs (--devices, --threads, -h) after."""
+    lines), the options a user runs, --norm first; how it runs (--devices, --threads, -h) after.
+    It speaks in the user's terms: no module, constant or class of the code."""
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO,
                             env=user_env(COLUMNS=80), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -284,6 +285,8 @@ def test_the_help_leads_with_what_a_user_runs():
     first_screen = [line.split()[0] for line in lines[:25] if line.startswith("  -")]
     assert options[:5] == first_screen[:5], "\n".join(lines[:25])
     assert options.index("--time-limit") < options.index("--devices") < options.index("-h,")
+    internal = ["gnrepro", "sweep.py", "PROFILES", "THREADS", "profile_paths", "ScanLoop"]
+    assert [name for name in internal if name in result.stdout] == [], result.stdout
 
 
 def test_a_grid_read_only_in_part_ends_without_a_traceback():

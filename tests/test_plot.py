@@ -81,6 +81,20 @@ def test_no_gap_without_a_single_bn_and_gn_line():
     assert plot.gaps(agg) == {}
 
 
+def test_gap_of_two_bn_lines_is_the_first_workers():
+    """BN with the first worker's moving statistics and with the mean over workers: the gap
+    is the first worker's line (the paper's rule) minus GN."""
+    df = results().assign(moving_statistics="first")
+    df.loc[(df.norm == "bn") & (df.seed == 2), "moving_statistics"] = "mean"
+    df.loc[(df.norm == "bn") & (df.seed == 2), "median_last5_error"] += 100
+    agg = plot.aggregate(df)
+    assert set(agg.series) == {"BN, moving statistics: first worker's",
+                               "BN, moving statistics: mean over workers", "GN"}
+    first = agg[agg.series.str.contains("first")].set_index("batch_size")["mean"]
+    gn = agg[agg.norm == "gn"].set_index("batch_size")["mean"]
+    assert plot.gaps(agg) == {bs: pytest.approx(first[bs] - gn[bs]) for bs in first.index}
+
+
 def test_workers_named_only_when_they_vary():
     df = results()
     assert set(plot.aggregate(df).series) == {"BN", "GN"}

@@ -526,9 +526,14 @@ class Chaos:
 
 
 def comparable(record):
-    """A run record less what a disturbance may change: its timing, host and restarts."""
-    drop = {"wall_seconds", "images_per_second", "finished_at", "host", "resumed"}
+    """A run record less what a disturbance may change: its timing, host and restarts. Its
+    segments (one per start) still chain from the first step to the last, with no gap."""
+    drop = {"wall_seconds", "images_per_second", "finished_at", "host", "resumed", "segments"}
     out = {k: v for k, v in record.items() if k not in drop}
+    segments = record["segments"]
+    assert len(segments) == record["resumed"] + 1, segments
+    assert [s["start"] for s in segments] == [[0, 0]] + [s["end"] for s in segments[:-1]]
+    assert segments[-1]["end"] == [record["config"]["epochs"], 0], segments
     out["history"] = [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
                       for e in record["history"]]
     return out

@@ -398,3 +398,27 @@ def test_a_default_inherited_from_a_parent_process_is_not_the_users():
     assert not startup.users_setting(key, {key: "3", mark: "3"})
     assert startup.users_setting(key, {key: "3"})
     assert startup.users_setting(key, {key: "0", mark: "3"})
+
+
+@pytest.mark.parametrize("norm, missing", [("gn", "GroupNormalization"),
+                                           ("bn", "WorkerBatchNormalization")])
+def test_a_saved_model_loads_after_import_layer_only(tmp_path, norm, missing):
+    """As the README says: a saved model loads after `import layer`; without it Keras fails
+    with its model's message first and the missing layer's name later (Keras wraps it, so the
+    project cannot put `import layer` first). Should Keras change that, this test says so."""
+    import keras
+    import train
+    path = tmp_path / f"{norm}.keras"
+    train.build_resnet(8, norm=norm, groups=4, workers=2, input_shape=(8, 8, 3)).save(path)
+    load = f"import keras; keras.models.load_model({str(path)!r}); print('loaded')"
+    without = subprocess.run([sys.executable, "-c", load], cwd=tmp_path, env=user_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert without.returncode != 0
+    error = without.stderr[without.stderr.rindex("\nTypeError: ") + 1:]   # the last exception
+    assert error.startswith("TypeError: <class 'keras.src.models.functional.Functional'> could "
+                            "not be deserialized properly"), error[:300]
+    assert f"Could not locate class '{missing}'" in error
+    with_import = subprocess.run([sys.executable, "-c", f"import layer; {load}"], cwd=tmp_path,
+                                 env=user_env(PYTHONPATH=REPO), capture_output=True, text=True,
+                                 timeout=300)
+    assert with_import.stdout.strip() == "loaded", with_import.stderr[-3000:]

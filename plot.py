@@ -290,8 +290,11 @@ def draw_panel(ax, agg, title, ylabel):
         line, = ax.plot(g.batch_size, g["mean"], marker=style["marker"], color=style["color"],
                         lw=1.8, ms=6, label=series, ls=("-", "--", ":", "-.")[again % 4],
                         mfc="white" if again else None)
-        if (g.high > g.low).any():
+        if (g.high > g.low).any() and len(g) > 1:
             ax.fill_between(g.batch_size, g.low, g.high, color=line.get_color(), alpha=0.18, lw=0)
+        elif (g.high > g.low).any():   # one point: a band has no width, so an error bar
+            ax.errorbar(g.batch_size, g["mean"], yerr=[g["mean"] - g.low, g.high - g["mean"]],
+                        fmt="none", ecolor=line.get_color(), elinewidth=1.2, capsize=3)
     batch_axis(ax, agg.batch_size)
     box = dict(boxstyle="round,pad=0.15", fc="white", ec="none")
     for bs, gap in gaps(agg).items():
@@ -313,8 +316,8 @@ def spread_note(agg):
     kinds = sorted(set(agg.loc[agg.n > 1, "spread"]))
     if not kinds:
         return "no band: one seed per point"
-    return "band: " + " / ".join("min-max over seeds" if k == "min-max" else "mean \u00b1 std"
-                                 for k in kinds)
+    return "band (or bar): " + "; ".join("min-max over 2 seeds" if k == "min-max"
+                                         else "mean \u00b1 std over 3 or more" for k in kinds)
 
 
 def missing_note(df):
@@ -343,7 +346,8 @@ def plot_figure1(df, out, metric="median_last5_error", label=None):
                  fontsize=12, y=0.985)
     subtitle = (_wrapped(provenance(df, label)) + "\n"
                 + _wrapped(f"points: {METRICS.get(metric, metric)}, mean over seeds; "
-                           f"{spread_note(agg)}; numbers at the bottom: BN \u2212 GN in points"
+                           f"{spread_note(agg)}; numbers at the bottom: BN \u2212 GN of the means, "
+                           f"in points"
                            + (f" (BN: {RULES['first']} moving statistics)"
                               if agg[agg.norm == "bn"].series.nunique() > 1 and gaps(agg) else "")
                            + missing_note(df)))
@@ -398,6 +402,7 @@ def read_records(models_dir, paths=None):
         if epochs:
             data = rec.get("data") or {}
             records.append(dict(config, name=rec.get("name", path.stem), history=epochs,
+                                moving_statistics=recipe.moving_statistics_of(config) or "",
                                 train_history=train_errors,
                                 data_checksum=data.get("checksum", ""),
                                 train_images=data.get("train_images", config.get("train_images")),
@@ -408,16 +413,18 @@ def read_records(models_dir, paths=None):
 
 
 def curves(records):
-    """Long table: norm, workers, batch_size, epoch, test_error (mean over seeds), n."""
+    """Long table: norm, workers, moving_statistics (BN's rule at W > 1, else ''), batch_size,
+    epoch, test_error (mean over seeds), n."""
     rows = [dict(norm=r["norm"].lower(), workers=int(r["workers"]),
+                 moving_statistics=r.get("moving_statistics") or "",
                  batch_size=int(r["batch_size"]), seed=r["seed"], epoch=e, test_error=err)
             for r in records for e, err in r["history"]]
     df = pd.DataFrame(rows)
-    out = (df.groupby(["norm", "workers", "batch_size", "epoch"])
+    out = (df.groupby(["norm", "workers", "moving_statistics", "batch_size", "epoch"])
              .test_error.agg(["mean", "size"]).reset_index()
              .rename(columns={"mean": "test_error", "size": "n"}))
-    return out.sort_values(["norm", "workers", "batch_size", "epoch"],
-                           ascending=[True, True, False, True], ignore_index=True)
+    return out.sort_values(["norm", "workers", "moving_statistics", "batch_size", "epoch"],
+                           ascending=[True, True, True, False, True], ignore_index=True)
 
 
 def plot_curves(records, out, label=None):
@@ -430,12 +437,16 @@ def plot_curves(records, out, label=None):
     colours = plt.cm.viridis(np.linspace(0, 0.85, len(sizes)))
     many_workers = table.workers.nunique() > 1
     for ax, norm in zip(axes[0], norms):
-        lines = table[table.norm == norm].groupby(["workers", "batch_size"])
-        for (workers, bs), g in sorted(lines, key=lambda kv: (kv[0][0], -kv[0][1])):
+        panel = table[table.norm == norm]
+        many_rules = panel.moving_statistics.nunique() > 1
+        lines = panel.groupby(["workers", "moving_statistics", "batch_size"])
+        for (workers, rule, bs), g in sorted(lines, key=lambda kv: (kv[0][:2], -kv[0][2])):
             name = f"{STYLE.get(norm, {}).get('name', norm.upper())}, {bs} img/worker"
+            name += f", {workers} workers" if many_workers else ""
+            name += f", moving statistics: {RULES.get(rule, rule)}" if many_rules else ""
             ax.plot(g.epoch, g.test_error, color=colours[sizes.index(bs)], lw=1.6,
-                    ls="--" if many_workers and workers > 1 else "-",
-                    label=name + (f", {workers} workers" if many_workers else ""))
+                    ls="--" if (many_workers and workers > 1) or (many_rules and rule == "mean")
+                    else "-", label=name)
         ax.set_title(STYLE.get(norm, {}).get("name", norm.upper()), fontsize=11)
         ax.set_xlabel("epoch")
         ax.grid(True, color="0.9", lw=0.8)
@@ -734,6 +745,14 @@ def figure1_status(df):
     else:
         claim = (f"BN's rise at small batches has runs at N = {', '.join(map(str, bn_small))} "
                  f"of {', '.join(map(str, small))}.")
+    bn, gn = (paper[paper.norm == n] for n in ("bn", "gn"))
+    gaps = [(n, cell) for n, cell in zip(BATCH_SIZES, paired_gap(bn, gn, table_metric(df)))
+            if cell]
+    if gaps:
+        paper_gap = {n: b - g for n, b, g in
+                     zip(BATCH_SIZES, PAPER_IMAGENET["bn"], PAPER_IMAGENET["gn"])}
+        claim += (" So far, BN \u2212 GN per seed, in points: " + ", ".join(
+            f"{cell} at N = {n} (the paper's {paper_gap[n]:+.1f})" for n, cell in gaps) + ".")
     lines = [f"**Status: {len(done)} of Figure 1's {total} paper-scale runs are done** (BN and "
              f"GN at {len(BATCH_SIZES)} batch sizes, {len(recipe.SEEDS)} seeds each). {claim}",
              "", row("seeds done", [f"N = {BATCH_SIZES[0]}", *BATCH_SIZES[1:]]),

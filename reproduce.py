@@ -232,7 +232,7 @@ def make_row(record, model_path, test_loss, test_error, params, evaluated="model
     row.update(norm=str(config["norm"]).lower(), test_error=float(test_error),
                test_loss=float(test_loss), median_last5_error=median_last5(record["history"]),
                params=int(params), model=str(model_path), evaluated=evaluated,
-               moving_statistics=moving_statistics_of(config))
+               moving_statistics=recipe.moving_statistics_of(config))
     row.update({k: round(row[k], d) for k, d in DECIMALS.items()})
     row.update(train_images=data.get("train_images", config.get("train_images")),
                test_images=data.get("test_images", config.get("test_images")),
@@ -270,15 +270,6 @@ def groups_of(config):
     if norm == "gn" and cpg:
         return {"groups": None, "channels_per_group": cpg}
     return {"groups": config["groups"], "channels_per_group": None}
-
-
-def moving_statistics_of(config):
-    """The rule of BN's moving statistics that trained the run (BN with W > 1 only; a record
-    from before the rule could be chosen: the mean over the workers), else blank."""
-    if str(config["norm"]).lower() != "bn" or int(config["workers"]) == 1:
-        return None
-    run = config.get("run")
-    return recipe.stored_config(run).moving_statistics if run else recipe.LEGACY["moving_statistics"]
 
 
 def run_date(record, model_path):

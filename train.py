@@ -5,7 +5,7 @@ Section 4.2; Wu & He 2018): the ResNet builder, and one resumable run with its c
     model = build_resnet20("gn", groups=8)     # returning logits (from_logits=True)
 
     python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
-    python train.py --task 7                             # the 7th entry of the sweep grid
+    python train.py --task 7                             # entry 7 of the sweep grid (from 0)
     python train.py --profile quick                      # a profile's whole grid, then
                                                          # reproduce.py and plot.py
     python train.py --grid [--profile P] | --help        # the grid; every option

@@ -224,6 +224,15 @@ def stored_config(run):
     return Config(**{**LEGACY, **fields})
 
 
+def moving_statistics_of(config):
+    """The rule of BN's moving statistics that trained a run, from its record's config (BN
+    with W > 1 only; a record from before the rule could be chosen: LEGACY's), else None."""
+    if str(config["norm"]).lower() != "bn" or int(config["workers"]) == 1:
+        return None
+    run = config.get("run")
+    return stored_config(run).moving_statistics if run else LEGACY["moving_statistics"]
+
+
 def run_identity(run):
     """What makes a stored configuration (a dict) the run of another one: its Config, less
     what a run keeps from its start (KEPT_FROM_START: the rule a checkpoint of an earlier
@@ -400,7 +409,7 @@ EXAMPLES = """\
 examples:
   python train.py --norm gn --batch-size 32 --seed 1   # one run (paper scale: 100 epochs, W 8)
   python train.py --norm bn --batch-size 4 --workers 8 # 8 workers of 4 images per step
-  python train.py --task 7 [--devices 2]               # the 7th entry of the sweep grid
+  python train.py --task 7 [--devices 2]               # entry 7 of the sweep grid (from 0)
   KERAS_BACKEND=jax python train.py ...                # any Keras backend: TensorFlow
                                                        # (default), JAX, PyTorch
   KERAS_BACKEND=jax python train.py --norm bn --batch-size 2 --seeds "1 2 3" --pack
@@ -510,7 +519,7 @@ def _files(p):
     io.add_argument("--plot", metavar="PNG",
                     help="(whole profile) figure file (default: plot.png, or results/P/plot.png; "
                          "curves.png beside it)")
-    io.add_argument("--label", help="(whole profile) names the data in the figure's title, "
+    io.add_argument("--label", help="(whole profile) names the data, first in the figures' provenance line, "
                                     "e.g. 'CIFAR-10 (JPEG copy)'")
 
 

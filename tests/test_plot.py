@@ -242,6 +242,26 @@ def test_curves_are_the_history_mean_over_seeds(models_dir):
     assert table.batch_size.tolist()[:6] == [32, 32, 32, 2, 2, 2]
 
 
+def test_curves_keep_bns_two_rules_apart(tmp_path, monkeypatch):
+    """BN at W = 8 with the first worker's moving statistics and a record from before the rule
+    could be chosen (the mean): two lines, each named by its rule, not one mean of both."""
+    write_record(tmp_path, "bn", 16, 1, [60, 40], workers=8)       # no config.run: the mean
+    record = json.loads((tmp_path / "bn_b16_s1.json").read_text())
+    record["name"] = "bn_b16_s2"
+    record["config"].update(seed=2, run=dict(record["config"], moving_statistics="first"))
+    record["history"] = [dict(h, test_error=h["test_error"] - 20) for h in record["history"]]
+    (tmp_path / "bn_b16_s2.json").write_text(json.dumps(record))
+    table = plot.curves(plot.read_records(tmp_path))
+    assert table.groupby("moving_statistics").test_error.apply(list).to_dict() == {
+        "first": [40, 20], "mean": [60, 40]}
+    saved = []
+    monkeypatch.setattr(plot, "save_atomic", lambda fig, out: saved.append(fig))
+    plot.plot_curves(plot.read_records(tmp_path), tmp_path / "curves.png")
+    labels = [t.get_text() for t in saved[0].axes[0].get_legend().get_texts()]
+    assert labels == ["BN, 16 img/worker, moving statistics: first worker's",
+                      "BN, 16 img/worker, moving statistics: mean over workers"]
+
+
 def test_cli_curves(models_dir, tmp_path):
     out = tmp_path / "curves.png"
     assert plot.main(["--curves", "--models-dir", str(models_dir), "--out", str(out)]) == 0
@@ -390,3 +410,20 @@ def test_workers_study_draws_both_arms_through_their_common_run(tmp_path, monkey
     assert drawn["BN, step of 256 images: W = 256/N"] == ([11.0, 22.0, 24.0, 28.0, 36.0], "--")
     assert plot.main(["--study", "workers", "--results", str(path), "--out",
                       str(tmp_path / "w.png")]) == 0
+
+
+def test_a_point_alone_shows_its_seeds_spread_as_an_error_bar():
+    """A line of one batch size has no band to draw (no width): its spread is an error bar;
+    a line of several keeps its band."""
+    df = results()
+    df = df[(df.norm == "gn") | (df.batch_size == 32)]    # BN at N = 32 alone, seeds 1-2
+    fig, ax = plt.subplots()
+    agg = plot.aggregate(df)
+    plot.draw_panel(ax, agg, "t", "y")
+    bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == 1
+    (segments,) = bars[0].lines[2]
+    bn = agg[agg.norm == "bn"].iloc[0]
+    assert segments.get_segments()[0][:, 1].tolist() == [pytest.approx(bn.low), pytest.approx(bn.high)]
+    assert len(ax.collections) == 2    # GN's band, and the error bar's line collection
+    plt.close(fig)

@@ -115,4 +115,17 @@ def test_the_front_page_says_in_its_first_lines_how_many_runs_are_done(tmp_path)
     gn_done = len(df[(df.norm == "gn") & (df.workers == 8) & (df.epochs == 100)])
     assert f"Status: {count - gn_done} of Figure 1's 30" in after
     assert "| GN | \u2013 | \u2013 | \u2013 | \u2013 | \u2013 |" in after
+    assert "So far, BN \u2212 GN" not in after                      # no pair of BN and GN
+
+
+def test_the_status_gives_bn_minus_gn_where_both_ran():
+    import pandas as pd
+    rows = [dict(norm=norm, groups=8, batch_size=32, workers=8, epochs=100, seed=seed,
+                 moving_statistics="first" if norm == "bn" else "", median_last5_error=err)
+            for norm, seed, err in [("bn", 1, 13.0), ("bn", 2, 14.0), ("gn", 1, 15.0),
+                                    ("gn", 2, 15.0), ("gn", 3, 99.0)]]
+    status = plot.figure1_status(pd.DataFrame(rows))
+    assert "**Status: 5 of Figure 1's 30 paper-scale runs are done**" in status
+    assert ("So far, BN \u2212 GN per seed, in points: -1.50 \u00b1 0.71 (n=2) at N = 32 "
+            "(the paper's -0.5).") in status
 

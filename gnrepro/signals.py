@@ -5,7 +5,8 @@ a time limit, preemption), a sweep asks each of its runs to, and neither dies of
         ...                          # train until stop.requested, checkpoint, exit PREEMPTED
     exit_with(main)                  # sys.exit(main()), the stop signals ignored from then on
 
-Needs the standard library only: train.py installs its handler before NumPy is imported.
+Needs the standard library only: train.py installs its handler before NumPy is imported. A
+sweep starts each run with SIGUSR1 blocked; StopOnSignal unblocks it once its handler is in.
 """
 import signal
 import sys
@@ -27,6 +28,9 @@ class StopOnSignal:
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
+        # A sweep starts its runs with SIGUSR1 blocked (sweep.run_entries), so that one sent
+        # before this handler existed waits instead of killing the run: delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         return self
 
     def __exit__(self, *exc):

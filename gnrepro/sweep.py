@@ -158,9 +158,15 @@ def run_entries(commands, jobs, stop, label="sweep"):
         while order and len(running) < jobs and not stop.requested:
             task = order.pop(0)
             # Its own process group: a Ctrl-C on the terminal reaches this runner alone,
-            # which then asks each run for a checkpoint instead of interrupting it.
-            proc = subprocess.Popen(commands[task], stdout=subprocess.PIPE, text=True,
-                                    stderr=subprocess.STDOUT, process_group=0)
+            # which then asks each run for a checkpoint instead of interrupting it. SIGUSR1
+            # blocked (exec keeps the mask) until the run's handler is in (StopOnSignal): a
+            # run started just before the time limit checkpoints instead of dying of it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+            try:
+                proc = subprocess.Popen(commands[task], stdout=subprocess.PIPE, text=True,
+                                        stderr=subprocess.STDOUT, process_group=0)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
             relay = threading.Thread(target=_relay, args=(proc,), daemon=True)
             relay.start()
             running.append((task, proc, relay))

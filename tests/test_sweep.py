@@ -3,6 +3,7 @@ a failure does not stop the rest, a signal checkpoints every running entry, argu
 each entry, a signal that comes while train.py hands over is kept; the whole main job end to
 end is test_train.py's and test_slurm.py's (and the missing data's, test_faults.py's)."""
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -22,14 +23,18 @@ class Stop:
     requested = None
 
 
-def fake(task, code=0, seconds=0.0):
-    """A command that prints 'ran TASK', takes `seconds`, exits with `code`; SIGUSR1 makes it
-    exit with signals.PREEMPTED, as train.py does after its checkpoint."""
+def fake(task, code=0, seconds=0.0, start=0.0):
+    """A command that takes `start` seconds to start (train.py's imports), prints 'ran TASK',
+    takes `seconds`, exits with `code`; SIGUSR1 makes it exit with signals.PREEMPTED, as
+    train.py does after its checkpoint, and is unblocked once its handler is in, as
+    signals.StopOnSignal does."""
     script = (f"import signal, sys, time\n"
+              f"time.sleep({start})\n"
               f"def checkpoint(*a):\n"
               f"    print('{task} got SIGUSR1', flush=True)\n"
               f"    sys.exit({signals.PREEMPTED})\n"
               f"signal.signal(signal.SIGUSR1, checkpoint)\n"
+              f"signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGUSR1}})\n"
               f"print('ran {task}', flush=True)\n"
               f"time.sleep({seconds})\n"
               f"sys.exit({code})")
@@ -90,6 +95,31 @@ def test_a_stop_signals_the_running_entries_and_starts_no_more(capsys):
     assert sorted(l for l in out.splitlines() if "got SIGUSR1" in l) == \
         ["1 got SIGUSR1", "2 got SIGUSR1"]
     assert "profile x: stopped by SIGINT; run the same command again to resume" in out
+
+
+def test_a_stop_before_a_run_has_its_handler_waits_for_it(capsys):
+    """Stopped at once, while each run still starts (2 s before its handler is in): SIGUSR1
+    waits, blocked, and each run checkpoints instead of dying of it."""
+    stop = Stop()
+    commands = {t: fake(t, seconds=60, start=2) for t in (1, 2)}
+    threading.Timer(0.3, lambda: setattr(stop, "requested", "SIGUSR1")).start()
+    assert sweep.run_entries(commands, jobs=2, stop=stop) == signals.PREEMPTED
+    out = capsys.readouterr()
+    assert sorted(l for l in out.out.splitlines() if "got SIGUSR1" in l) == \
+        ["1 got SIGUSR1", "2 got SIGUSR1"]
+    assert "failed" not in out.err
+
+
+def test_a_stop_signal_is_unblocked_once_the_handler_is_in():
+    """StopOnSignal delivers a SIGUSR1 that came while it was blocked, to its own handler."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)   # pending on this thread
+        with signals.StopOnSignal() as stop:
+            assert stop.requested == "SIGUSR1"
+            assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
 def test_each_entry_gets_the_sweeps_arguments_in_the_order_of_its_batch_size(monkeypatch,
@@ -268,6 +298,7 @@ def checkpoint(*a):
     print(name, "checkpointed", flush=True)
     sys.exit(75)
 signal.signal(signal.SIGUSR1, checkpoint)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGUSR1}})   # as signals.StopOnSignal
 if task == 9:   # the short one: finishes before the limit
     (models / (name + ".keras")).write_text("")
     (models / (name + ".json")).write_text("{{}}")

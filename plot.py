@@ -751,8 +751,9 @@ def figure1_status(df):
     if gaps:
         paper_gap = {n: b - g for n, b, g in
                      zip(BATCH_SIZES, PAPER_IMAGENET["bn"], PAPER_IMAGENET["gn"])}
-        claim += (" So far, BN \u2212 GN per seed, in points: " + ", ".join(
-            f"{cell} at N = {n} (the paper's {paper_gap[n]:+.1f})" for n, cell in gaps) + ".")
+        claim += (" So far, BN \u2212 GN per seed, in points (below 0: GN is worse): "
+                  + ", ".join(f"{cell} at N = {n} (the paper's {paper_gap[n]:+.1f})"
+                              for n, cell in gaps) + ".")
     lines = [f"**Status: {len(done)} of Figure 1's {total} paper-scale runs are done** (BN and "
              f"GN at {len(BATCH_SIZES)} batch sizes, {len(recipe.SEEDS)} seeds each). {claim}",
              "", row("seeds done", [f"N = {BATCH_SIZES[0]}", *BATCH_SIZES[1:]]),

@@ -126,6 +126,6 @@ def test_the_status_gives_bn_minus_gn_where_both_ran():
                                     ("gn", 2, 15.0), ("gn", 3, 99.0)]]
     status = plot.figure1_status(pd.DataFrame(rows))
     assert "**Status: 5 of Figure 1's 30 paper-scale runs are done**" in status
-    assert ("So far, BN \u2212 GN per seed, in points: -1.50 \u00b1 0.71 (n=2) at N = 32 "
-            "(the paper's -0.5).") in status
+    assert ("So far, BN \u2212 GN per seed, in points (below 0: GN is worse): -1.50 \u00b1 0.71 "
+            "(n=2) at N = 32 (the paper's -0.5).") in status
 

@@ -290,9 +290,10 @@ def draw_panel(ax, agg, title, ylabel):
         line, = ax.plot(g.batch_size, g["mean"], marker=style["marker"], color=style["color"],
                         lw=1.8, ms=6, label=series, ls=("-", "--", ":", "-.")[again % 4],
                         mfc="white" if again else None)
-        if (g.high > g.low).any() and len(g) > 1:
+        spread = (g.high > g.low).any()
+        if spread and len(g) > 1:
             ax.fill_between(g.batch_size, g.low, g.high, color=line.get_color(), alpha=0.18, lw=0)
-        elif (g.high > g.low).any():   # one point: a band has no width, so an error bar
+        elif spread:   # one point: a band has no width, so an error bar
             ax.errorbar(g.batch_size, g["mean"], yerr=[g["mean"] - g.low, g.high - g["mean"]],
                         fmt="none", ecolor=line.get_color(), elinewidth=1.2, capsize=3)
     batch_axis(ax, agg.batch_size)
@@ -746,14 +747,13 @@ def figure1_status(df):
         claim = (f"BN's rise at small batches has runs at N = {', '.join(map(str, bn_small))} "
                  f"of {', '.join(map(str, small))}.")
     bn, gn = (paper[paper.norm == n] for n in ("bn", "gn"))
-    gaps = [(n, cell) for n, cell in zip(BATCH_SIZES, paired_gap(bn, gn, table_metric(df)))
-            if cell]
-    if gaps:
-        paper_gap = {n: b - g for n, b, g in
-                     zip(BATCH_SIZES, PAPER_IMAGENET["bn"], PAPER_IMAGENET["gn"])}
+    per_seed = [(n, cell) for n, cell in zip(BATCH_SIZES, paired_gap(bn, gn, table_metric(df)))
+                if cell]
+    if per_seed:
+        paper_gap = gaps(aggregate(paper_results()))
         claim += (" So far, BN \u2212 GN per seed, in points (below 0: GN is worse): "
                   + ", ".join(f"{cell} at N = {n} (the paper's {paper_gap[n]:+.1f})"
-                              for n, cell in gaps) + ".")
+                              for n, cell in per_seed) + ".")
     lines = [f"**Status: {len(done)} of Figure 1's {total} paper-scale runs are done** (BN and "
              f"GN at {len(BATCH_SIZES)} batch sizes, {len(recipe.SEEDS)} seeds each). {claim}",
              "", row("seeds done", [f"N = {BATCH_SIZES[0]}", *BATCH_SIZES[1:]]),

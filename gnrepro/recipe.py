@@ -519,8 +519,8 @@ def _files(p):
     io.add_argument("--plot", metavar="PNG",
                     help="(whole profile) figure file (default: plot.png, or results/P/plot.png; "
                          "curves.png beside it)")
-    io.add_argument("--label", help="(whole profile) names the data, first in the figures' provenance line, "
-                                    "e.g. 'CIFAR-10 (JPEG copy)'")
+    io.add_argument("--label", help="(whole profile) names the data, first in the figures' "
+                                    "provenance line, e.g. 'CIFAR-10 (JPEG copy)'")
 
 
 def _how_to_run(p):

@@ -473,13 +473,14 @@ STYLE |= {"ln": dict(color="#2e8b57", marker="^", name="LN"),
           "in": dict(color="#8a5cb8", marker="D", name="IN")}
 
 
-def summary(values):
+def summary(values, sign=""):
     """'54.05' for one value; for two or more, the mean, the standard deviation over them and
-    their number: '54.05 \u00b1 0.80 (n=3)'; '-' for none."""
+    their number: '54.05 \u00b1 0.80 (n=3)'; '-' for none. sign="+" writes a difference's
+    sign either way: '+1.48'."""
     x = np.asarray(values, float)
     if len(x) >= 2:
-        return f"{x.mean():.2f} \u00b1 {x.std(ddof=1):.2f} (n={len(x)})"
-    return f"{x.mean():.2f}" if len(x) else "-"
+        return f"{x.mean():{sign}.2f} \u00b1 {x.std(ddof=1):.2f} (n={len(x)})"
+    return f"{x.mean():{sign}.2f}" if len(x) else "-"
 
 
 def study_table(df, metric, key, label, reference=None):
@@ -681,12 +682,12 @@ def by_batch_size(df, metric, sizes=BATCH_SIZES):
 
 def paired_gap(a, b, metric, sizes=BATCH_SIZES):
     """a - b per batch size (two sets of runs): per seed where both ran, then over seeds
-    (summary); blank where no seed has both."""
+    (summary, signed); blank where no seed has both."""
     cells = []
     for n in sizes:
         x, y = (d[d.batch_size == n].set_index("seed")[metric] for d in (a, b))
         both = x.index.intersection(y.index)
-        cells.append(summary(x[both] - y[both]) if len(both) else "")
+        cells.append(summary(x[both] - y[both], sign="+") if len(both) else "")
     return cells
 
 
@@ -729,6 +730,12 @@ def figure1_table(df):
     return "\n".join(lines)
 
 
+def listed(items):
+    """'8, 4 and 2'; '2' for one item."""
+    words = [str(x) for x in items]
+    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else words[0]
+
+
 def figure1_status(df):
     """The front page's status: how many of Figure 1's paper-scale runs are done (a row of
     results.csv at W = 8 and 100 epochs: BN and GN, each N, the profile's seeds) and which
@@ -740,12 +747,9 @@ def figure1_status(df):
     total = 2 * len(BATCH_SIZES) * len(recipe.SEEDS)
     small = [n for n in BATCH_SIZES if n <= 8]
     bn_small = sorted({n for norm, n, _ in done if norm == "bn" and n in small}, reverse=True)
-    if not bn_small:
-        claim = (f"BN's rise at {', '.join(map(str, small[:-1]))} and {small[-1]} images per "
-                 f"worker, the paper's claim, has no result yet.")
-    else:
-        claim = (f"BN's rise at small batches has runs at N = {', '.join(map(str, bn_small))} "
-                 f"of {', '.join(map(str, small))}.")
+    claim = (f"BN's rise at {listed(small)} images per worker, the paper's claim, "
+             + (f"has results at N = {listed(bn_small)}." if bn_small
+                else "has no result yet."))
     bn, gn = (paper[paper.norm == n] for n in ("bn", "gn"))
     per_seed = [(n, cell) for n, cell in zip(BATCH_SIZES, paired_gap(bn, gn, table_metric(df)))
                 if cell]

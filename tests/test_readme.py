@@ -128,4 +128,12 @@ def test_the_status_gives_bn_minus_gn_where_both_ran():
     assert "**Status: 5 of Figure 1's 30 paper-scale runs are done**" in status
     assert ("So far, BN \u2212 GN per seed, in points (below 0: GN is worse): -1.50 \u00b1 0.71 "
             "(n=2) at N = 32 (the paper's -0.5).") in status
+    assert "BN's rise at 8, 4 and 2 images per worker, the paper's claim, has no result yet." \
+        in status
+    small = [dict(rows[0], batch_size=n, seed=1, norm=norm, median_last5_error=err)
+             for n, norm, err in [(2, "bn", 16.5), (2, "gn", 15.0), (4, "bn", 14.0)]]
+    status = plot.figure1_status(pd.DataFrame(rows + small))
+    assert "the paper's claim, has results at N = 4 and 2." in status
+    assert "-1.50 \u00b1 0.71 (n=2) at N = 32 (the paper's -0.5), +1.50 at N = 2 (the paper's +10.6)." \
+        in status
 

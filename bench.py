@@ -2,6 +2,7 @@
 
     python bench.py train [--quick] [--workers 1 8] [--threads T] [--mixed-precision]
     python bench.py backends [--backends tensorflow jax torch] [--python-jax PATH] [--cpus K]
+    python bench.py malloc [--batch-sizes 8] [--workers 8] [--python-tensorflow PATH]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
     KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
     KERAS_BACKEND=jax python bench.py pack [--pack 3] [--batch-sizes 32 16 8 4 2]
@@ -37,6 +38,14 @@ all its threads, to the same K cores. The workers start one after the other
 backend in turn, the backends' order rotating between repeats, while the other workers
 wait: a busy CPU slows all alike. One table: rows (norm, N, W), img/s of each backend,
 the ratios to the first backend, the cores each kept busy; then evaluation's img/s.
+
+`malloc`: TensorFlow only, `train`'s measurement of ours in two worker processes side by
+side, interleaved as `backends` runs them: one as train.py runs, one with the C library's
+setting that TensorFlow leaves. The first tf.data generator of a process (Keras makes one of
+the PyDataset that train.py feeds fit) sets glibc's mmap threshold to 128 KiB for good, so
+every larger tensor is mapped, page-faulted in and unmapped each step; train.py spends that
+patch at its start and puts the threshold at 32 MiB (backends.undo_malloc_patch). The table:
+img/s of each, their ratio, and the share of each worker's CPU time spent in the kernel.
 
 `layer`: forward plus backward (gradients for the input and the weights) of
 layer.GroupNormalization, keras.layers.GroupNormalization and
@@ -84,6 +93,8 @@ import inspect
 import json
 import math
 import os
+import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -363,10 +374,11 @@ def eval_rate(model, data, repeats=2, warmup=True):
     return len(data.test_inputs) / statistics.median(times)
 
 
-def medians(samples):
-    """{key: [(rate, cores), ...]} -> ({key: median rate}, {key: median cores})."""
-    return ({k: statistics.median(r for r, _ in v) for k, v in samples.items()},
-            {k: statistics.median(c for _, c in v) for k, v in samples.items()})
+def medians(samples, column=1):
+    """{key: [(rate, cores, ...), ...]} -> ({key: median rate}, {key: median of the column,
+    cores by default})."""
+    return ({k: statistics.median(r[0] for r in v) for k, v in samples.items()},
+            {k: statistics.median(r[column] for r in v) for k, v in samples.items()})
 
 
 def threads_line(args):
@@ -388,6 +400,7 @@ def bench_train(args):
     from gnrepro import backends
     backends.set_threads(args.threads)   # before the backend starts; one process: baseline too
     backends.enable_determinism()        # as train.py runs
+    backends.undo_malloc_patch()         # as train.py runs
     keras.utils.set_random_seed(0)
     data = Images(args.images)
     runs = prepare(args, data, KINDS)
@@ -467,10 +480,14 @@ def serve(args):
     """bench.py train --serve, the worker of bench.py backends (one process, one backend):
     builds and warms up ours for every configuration, replies that it is ready, then
     answers one JSON request a line from stdin until it ends: {"run": [norm, N, W]} ->
-    {"rate", "cores"} of one timed fit; {"eval": norm} -> {"rate"} of one timed predict."""
+    {"rate", "cores", "kernel"} of one timed fit (kernel: the share of its CPU time spent in
+    the kernel); {"eval": norm} -> {"rate"} of one timed predict. --keep-malloc-patch: leaves
+    TensorFlow's mmap threshold as tf.data sets it (bench.py malloc's other worker)."""
     from gnrepro import backends
     backends.set_threads(args.threads)
     backends.enable_determinism()   # as train.py runs
+    if not args.keep_malloc_patch:
+        backends.undo_malloc_patch()   # as train.py runs
     keras.utils.set_random_seed(0)
     data = Images(args.images)
     runs = prepare(args, data, ["ours"])
@@ -483,17 +500,21 @@ def serve(args):
     for line in sys.stdin:
         request = json.loads(line)
         if "run" in request:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             rate, cores = measure(runs, (*request["run"], "ours"), args)
-            reply({"rate": rate, "cores": cores})
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            system, user = after.ru_stime - before.ru_stime, after.ru_utime - before.ru_utime
+            reply({"rate": rate, "cores": cores, "kernel": system / max(system + user, 1e-9)})
         else:
             reply({"rate": eval_rate(first[request["eval"]], data, repeats=1, warmup=False)})
 
 
 class Worker:
-    """One backend's `bench.py train --serve` process, run with that backend's interpreter."""
+    """One backend's `bench.py train --serve` process, run with that backend's interpreter
+    (label: what its messages and errors are named by; the backend's name by default)."""
 
-    def __init__(self, backend, python, argv, cpus=None):
-        self.backend, self.python = backend, python
+    def __init__(self, backend, python, argv, cpus=None, label=None):
+        self.backend, self.python, self.label = backend, python, label or backend
         env = dict(os.environ, KERAS_BACKEND=backend)
         env.pop(PIN, None)
         if cpus:
@@ -512,9 +533,9 @@ class Worker:
         for line in self.proc.stdout:
             if line.startswith(MARK):
                 return json.loads(line[len(MARK):])
-            print(f"[{self.backend}] {line}", end="", file=sys.stderr, flush=True)
+            print(f"[{self.label}] {line}", end="", file=sys.stderr, flush=True)
         code = self.proc.wait()
-        raise SystemExit(f"error: the {self.backend} worker ({self.python}) exited with status "
+        raise SystemExit(f"error: the {self.label} worker ({self.python}) exited with status "
                          f"{code} (its messages are above)")
 
     def close(self):
@@ -563,22 +584,31 @@ def bench_backends(args):
             print(f"{SHORT[backend]}: {info['python']} (python {info['versions']['python']}), "
                   f"{versions}, intra-op threads {info['threads']}, may run on "
                   f"{len(info['cpus'])} core(s) {','.join(map(str, info['cpus']))}", flush=True)
-        samples = {(b, *c): [] for b in args.backends for c in configurations(args)}
-        evals = {(b, norm): [] for b in args.backends for norm in args.norms}
-        for r in range(args.repeats):
-            order = args.backends[r % len(args.backends):] + args.backends[:r % len(args.backends)]
-            for config in configurations(args):
-                for b in order:
-                    got = workers[b].ask({"run": list(config)})
-                    samples[(b, *config)].append((got["rate"], got["cores"]))
-            for norm in args.norms:
-                for b in order:
-                    evals[b, norm].append(workers[b].ask({"eval": norm})["rate"])
+        samples, evals = interleave(workers, args)
     finally:
         for worker in workers.values():
             worker.close()
     rate, cores = medians(samples)
     print_backends_table(args, rate, cores, {k: statistics.median(v) for k, v in evals.items()})
+
+
+def interleave(workers, args):
+    """Every repeat visits every configuration on every worker in turn (their order rotating
+    between repeats), one worker computing at a time: ({(name, norm, N, W): [(rate, cores,
+    kernel), ...]}, {(name, norm): [eval rate, ...]})."""
+    names = list(workers)
+    samples = {(b, *c): [] for b in names for c in configurations(args)}
+    evals = {(b, norm): [] for b in names for norm in args.norms}
+    for r in range(args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for config in configurations(args):
+            for b in order:
+                got = workers[b].ask({"run": list(config)})
+                samples[(b, *config)].append((got["rate"], got["cores"], got["kernel"]))
+        for norm in args.norms:
+            for b in order:
+                evals[b, norm].append(workers[b].ask({"eval": norm})["rate"])
+    return samples, evals
 
 
 def print_backends_table(args, rate, cores, evals):
@@ -605,6 +635,46 @@ def print_backends_table(args, rate, cores, evals):
           f"on {min(EVAL_IMAGES, args.images)} test inputs in batches of "
           f"{recipe.EVAL_BATCH_SIZE}; cores: the worker's CPU seconds per wall second (under 1 "
           f"where it waited, for the CPU on a busy machine or for its input)")
+
+
+# ---------------------------------------------------------------- bench.py malloc
+
+MALLOC_WORKERS = {"train.py": [], "tf.data's": ["--keep-malloc-patch"]}
+
+
+def bench_malloc(args):
+    """ours on TensorFlow in two worker processes, interleaved as `backends` runs them: one as
+    train.py runs (backends.undo_malloc_patch), one with the mmap threshold tf.data leaves."""
+    from gnrepro import backends
+    python = interpreter(args, "tensorflow")
+    workers = {}
+    try:
+        for name, extra in MALLOC_WORKERS.items():
+            workers[name] = Worker("tensorflow", python, worker_argv(args) + extra, label=name)
+        info = workers["train.py"].info
+        versions, threads = info["versions"], info["threads"]
+        print(f"{python}: python {versions['python']}, tensorflow {versions['tensorflow']}, "
+              f"keras {versions['keras']}, {' '.join(platform.libc_ver()) or 'libc unknown'}, "
+              f"intra-op threads {threads}", flush=True)
+        samples, _ = interleave(workers, args)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    rate, kernel = medians(samples, column=2)
+    names = list(MALLOC_WORKERS)
+    print(f"{'norm':<5}{'N':>4}{'W':>3}" + "".join(f"{n + ' img/s':>17}" for n in names)
+          + f"{'ratio':>7}" + "".join(f"{n + ' kernel':>18}" for n in names))
+    for config in configurations(args):
+        ours, theirs = (rate[(n, *config)] for n in names)
+        print(f"{config[0]:<5}{config[1]:>4}{config[2]:>3}{ours:>17.0f}{theirs:>17.0f}"
+              f"{ours / theirs:>7.2f}"
+              + "".join(f"{kernel[(n, *config)]:>18.0%}" for n in names))
+    print(f"mmap threshold: train.py's {backends.MMAP_THRESHOLD >> 20} MiB against "
+          f"tf.data's {backends.TF_MMAP_THRESHOLD >> 10} KiB, a worker process each "
+          f"({python}); ratio: train.py's img/s over tf.data's; kernel: the share of the "
+          f"worker's CPU time spent in the kernel (page faults, mapping and unmapping); medians "
+          f"of {args.repeats} interleaved repeats of {args.seconds:g} s after {args.warmup:g} s "
+          f"of warm-up each, {args.images} synthetic images")
 
 
 # ---------------------------------------------------------------- bench.py loop (JAX)
@@ -986,8 +1056,9 @@ def add_train_parser(sub):
     add_run_arguments(t, [32, 16, 8, 4, 2], [1])
     t.add_argument("--mixed-precision", action="store_true",
                    help="ours in mixed_float16 (train.py --mixed-precision)")
-    # bench.py backends' worker process (see serve), not for people:
+    # bench.py backends' and malloc's worker process (see serve), not for people:
     t.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--keep-malloc-patch", action="store_true", help=argparse.SUPPRESS)
     t.set_defaults(run=bench_train, check=check_run_arguments)
 
 
@@ -1009,6 +1080,16 @@ def add_backends_parser(sub):
                                ".venv-backends/bin/python beside bench.py if it exists, "
                                "else this one)"))
     b.set_defaults(run=bench_backends, check=check_backends_arguments, mixed_precision=False)
+
+
+def add_malloc_parser(sub):
+    m = sub.add_parser("malloc", help="TensorFlow: training img/s with glibc's mmap threshold "
+                                      "where train.py puts it and where tf.data leaves it")
+    add_run_arguments(m, [8], [8])
+    m.add_argument("--python-tensorflow", metavar="PATH",
+                   help="the Python with Keras and TensorFlow (default: this one, or "
+                        ".venv/bin/python beside bench.py where this one has no TensorFlow)")
+    m.set_defaults(run=bench_malloc, check=check_run_arguments)
 
 
 def add_loop_parser(sub):
@@ -1043,16 +1124,16 @@ def add_pack_parser(sub):
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_layer_parser, add_train_parser, add_backends_parser, add_loop_parser,
-                add_pack_parser, add_plan_parser):
+    for add in (add_layer_parser, add_train_parser, add_backends_parser, add_malloc_parser,
+                add_loop_parser, add_pack_parser, add_plan_parser):
         add(sub)
     return parser
 
 
 def print_header(args):
     """The first line of every table: what it ran on (the backends' parent runs none)."""
-    if args.command == "backends":
-        print(f"bench.py backends: python={sys.version.split()[0]} cpus={os.cpu_count()} "
+    if args.command in ("backends", "malloc"):
+        print(f"bench.py {args.command}: python={sys.version.split()[0]} cpus={os.cpu_count()} "
               f"load average={os.getloadavg()[0]:.2f}", flush=True)
     else:
         print(f"backend={keras.backend.backend()} keras={keras.__version__} "

@@ -251,6 +251,7 @@ def train(cfgs, data_dir=None, models_dir="models", logs_dir="logs", force=False
     from gnrepro import cifar10, loops, runfiles, signals   # a run's machinery: loaded now
     cfgs = recipe.check_pack([cfgs] if isinstance(cfgs, recipe.Config) else list(cfgs))
     backends.enable_determinism()                              # before the backend starts
+    backends.undo_malloc_patch()                               # tensors on the heap
     names = backends.pick_devices(cfgs[0].workers, devices)   # a wrong --devices: before any file
     loop = loops.resolve_loop(loop, len(names))
     if len(names) > 1:

@@ -4,6 +4,7 @@ Everything else (the model, the recipe, the data, the run) is written with `kera
 `keras.ops` and runs unchanged on all three; this module holds what cannot be:
 
 - threads and determinism (each library has its own switches, set before it starts);
+- TensorFlow's setting of the C library's allocator, which tf.data changes (undo_malloc_patch);
 - devices: TensorFlow's MirroredStrategy (each replica sees its own W / K worker slices),
   JAX's keras.distribution.DataParallel (one global batch, sharded: the model sees all W
   slices), none on PyTorch (Keras 3.15 has no keras.distribution for it);
@@ -100,6 +101,41 @@ def enable_determinism():
         import torch
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter (malloc.h)
+TF_MMAP_THRESHOLD = 128 << 10  # bytes: where TensorFlow's tf.data patch puts it
+MMAP_THRESHOLD = 32 << 20      # bytes: glibc's ceiling on 64-bit, where train.py puts it back
+
+
+def set_mmap_threshold(size):
+    """glibc's M_MMAP_THRESHOLD: allocations of `size` bytes or more are mapped afresh from the
+    kernel and unmapped when freed. False where the C library has no such setting."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):   # not glibc (macOS, Windows)
+        return False
+    return mallopt(M_MMAP_THRESHOLD, size) == 1   # musl's mallopt does nothing and says 0
+
+
+def undo_malloc_patch():
+    """Keep tensors on the heap under TensorFlow. The first tf.data GeneratorDataset of a process
+    (Keras makes one of each PyDataset: loops.fit_epoch's input) sets glibc's mmap threshold to
+    128 KiB for the life of the process (tensorflow::data::ApplyPython311MemoryPatch), which also
+    ends glibc's own raising of it. Every tensor of 128 KiB or more is then mapped, page-faulted
+    in and unmapped, every step: on a 2-core VM half of a run's CPU time went to the kernel
+    (bench.py malloc). So spend the patch now, on an empty dataset, then put the threshold at
+    glibc's ceiling. Only where tensors live changes, not what is computed. Returns whether the
+    threshold was set (TensorFlow on glibc)."""
+    if name() != "tensorflow":
+        return False
+    import tensorflow as tf
+    spent = tf.data.Dataset.from_generator(lambda: iter(()),
+                                           output_signature=tf.TensorSpec((), tf.int32))
+    for _ in spent:
+        pass
+    return set_mmap_threshold(MMAP_THRESHOLD)
 
 
 def versions():

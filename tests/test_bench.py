@@ -176,6 +176,34 @@ def test_bench_backends_worker_that_fails_is_named(capsys):
                     *TINY])
 
 
+@tensorflow_here
+def test_bench_malloc_table():
+    """Two TensorFlow workers, train.py's mmap threshold and tf.data's; a row per (norm, N, W)."""
+    result = subprocess.run([sys.executable, "bench.py", "malloc", "--norms", "gn", "--workers",
+                             "2", *TINY], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(rf"^{re.escape(sys.executable)}: python \S+, tensorflow \S+, keras \S+, "
+                     rf"glibc \S+, intra-op threads {recipe.THREADS}$", out, re.M), out
+    header, rows = table(out, "norm")
+    assert header == ["norm", "N", "W", "train.py img/s", "tf.data's img/s", "ratio",
+                      "train.py kernel", "tf.data's kernel"]
+    assert len(rows) == 1 and rows[0][:3] == ["gn", "2", "2"]
+    ours, theirs = map(float, rows[0][3:5])
+    assert min(ours, theirs) > 0
+    # The ratio is of the medians; the printed rates are rounded to 1 img/s.
+    assert float(rows[0][5]) == pytest.approx(ours / theirs,
+                                              abs=0.01 + (ours + theirs) / theirs ** 2)
+    assert all(0 <= float(c.rstrip("%")) <= 100 for c in rows[0][6:])
+    assert "mmap threshold: train.py's 32 MiB against tf.data's 128 KiB" in out
+
+
+def test_bench_malloc_worker_that_fails_is_named():
+    with pytest.raises(SystemExit,
+                       match=r"the train.py worker \(/bin/false\) exited with status 1"):
+        bench.main(["malloc", "--python-tensorflow", "/bin/false", "--workers", "1", *TINY])
+
+
 def test_speed_options_reach_the_config_and_default_off(capsys):
     p, args = recipe.parse_args(["--norm", "gn", "--batch-size", "2"])
     cfg = recipe.resolve(p, args)

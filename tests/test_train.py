@@ -585,6 +585,59 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["gn_b4_s3.json"]
 
 
+MALLOC = r'''
+import ctypes
+import keras, numpy as np
+from gnrepro import backends, loops
+import train
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+
+def mapped():
+    """Whether glibc maps 28 MiB afresh (the IS_MMAPPED bit of the chunk's size word) rather
+    than growing its heap, once the heap holds no free space that size (malloc_trim)."""
+    libc.malloc_trim(0)
+    p = libc.malloc(28 << 20)
+    bit = ctypes.c_size_t.from_address(p - 8).value & 2
+    libc.free(p)
+    return bool(bit)
+
+def fit():
+    """Two steps of ResNet-20 fed as loops.fit_epoch feeds it (a PyDataset); its weights."""
+    keras.utils.set_random_seed(0)
+    model = train.build_resnet20("gn")
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(True))
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(8, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 8))
+               for _ in range(2)]
+    model.fit(loops.Batches(batches), verbose=0, shuffle=False)
+    return model.get_weights()
+
+backends.enable_determinism()
+mapped()   # glibc raises its threshold past a freed mapping's size: 28 MiB is heap from now
+before = mapped()
+patched = fit()
+after_fit = mapped()
+undone = backends.undo_malloc_patch()
+again = fit()
+print(before, after_fit, undone, mapped(),
+      all(np.array_equal(a, b) for a, b in zip(patched, again)))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_tensorflows_malloc_patch_is_undone_and_the_weights_are_the_same():
+    """TensorFlow's first tf.data generator maps every tensor of 128 KiB or more afresh, for the
+    rest of the process; backends.undo_malloc_patch spends that patch and puts tensors back on
+    the heap, and a fit computes the same weights, bit for bit, either way (a fresh process:
+    the patch is once a process)."""
+    result = subprocess.run([sys.executable, "-c", MALLOC], cwd=REPO, capture_output=True,
+                            text=True, timeout=600,
+                            env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "True", "True", "False", "True"]
+
+
 # --- real images -------------------------------------------------------------------------
 
 @pytest.mark.slow

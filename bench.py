@@ -573,9 +573,8 @@ def bench_backends(args):
     """ours on each backend, in one worker process per backend, interleaved: every repeat
     visits every configuration on every backend in turn (the backends' order rotating), and
     only one worker computes at a time; prints one table of medians."""
-    workers = {}
     cpus = sorted(os.sched_getaffinity(0))[:args.cpus] if args.cpus else None
-    try:
+    with started_workers() as workers:
         for backend in args.backends:   # one at a time: a starting worker competes with none
             workers[backend] = Worker(backend, interpreter(args, backend), worker_argv(args), cpus)
             info = workers[backend].info
@@ -585,11 +584,19 @@ def bench_backends(args):
                   f"{versions}, intra-op threads {info['threads']}, may run on "
                   f"{len(info['cpus'])} core(s) {','.join(map(str, info['cpus']))}", flush=True)
         samples, evals = interleave(workers, args)
+    rate, cores = medians(samples)
+    print_backends_table(args, rate, cores, {k: statistics.median(v) for k, v in evals.items()})
+
+
+@contextlib.contextmanager
+def started_workers():
+    """A dict for the Workers the block starts, every one closed when the block ends or fails."""
+    workers = {}
+    try:
+        yield workers
     finally:
         for worker in workers.values():
             worker.close()
-    rate, cores = medians(samples)
-    print_backends_table(args, rate, cores, {k: statistics.median(v) for k, v in evals.items()})
 
 
 def interleave(workers, args):
@@ -647,8 +654,7 @@ def bench_malloc(args):
     train.py runs (backends.undo_malloc_patch), one with the mmap threshold tf.data leaves."""
     from gnrepro import backends
     python = interpreter(args, "tensorflow")
-    workers = {}
-    try:
+    with started_workers() as workers:
         for name, extra in MALLOC_WORKERS.items():
             workers[name] = Worker("tensorflow", python, worker_argv(args) + extra, label=name)
         info = workers["train.py"].info
@@ -657,9 +663,6 @@ def bench_malloc(args):
               f"keras {versions['keras']}, {' '.join(platform.libc_ver()) or 'libc unknown'}, "
               f"intra-op threads {threads}", flush=True)
         samples, _ = interleave(workers, args)
-    finally:
-        for worker in workers.values():
-            worker.close()
     rate, kernel = medians(samples, column=2)
     names = list(MALLOC_WORKERS)
     print(f"{'norm':<5}{'N':>4}{'W':>3}" + "".join(f"{n + ' img/s':>17}" for n in names)

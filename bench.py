@@ -44,7 +44,8 @@ side, interleaved as `backends` runs them: one as train.py runs, one with the C 
 setting that TensorFlow leaves. The first tf.data generator of a process (Keras makes one of
 the PyDataset that train.py feeds fit) sets glibc's mmap threshold to 128 KiB for good, so
 every larger tensor is mapped, page-faulted in and unmapped each step; train.py spends that
-patch at its start and puts the threshold at 32 MiB (backends.undo_malloc_patch). The table:
+patch at its start, puts the threshold at 32 MiB and has glibc keep its heaps
+(backends.undo_malloc_patch, keep_heap). The table:
 img/s of each, their ratio, and the share of each worker's CPU time spent in the kernel.
 
 `layer`: forward plus backward (gradients for the input and the weights) of
@@ -672,7 +673,7 @@ def bench_malloc(args):
         print(f"{config[0]:<5}{config[1]:>4}{config[2]:>3}{ours:>17.0f}{theirs:>17.0f}"
               f"{ours / theirs:>7.2f}"
               + "".join(f"{kernel[(n, *config)]:>18.0%}" for n in names))
-    print(f"mmap threshold: train.py's {backends.MMAP_THRESHOLD >> 20} MiB against "
+    print(f"mmap threshold: train.py's {backends.MMAP_THRESHOLD >> 20} MiB, heaps kept, against "
           f"tf.data's {backends.TF_MMAP_THRESHOLD >> 10} KiB, a worker process each "
           f"({python}); ratio: train.py's img/s over tf.data's; kernel: the share of the "
           f"worker's CPU time spent in the kernel (page faults, mapping and unmapping); medians "

@@ -103,20 +103,26 @@ def enable_determinism():
         torch.backends.cudnn.benchmark = False
 
 
-M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3   # glibc's mallopt (malloc.h)
 TF_MMAP_THRESHOLD = 128 << 10  # bytes: where TensorFlow's tf.data patch puts it
 MMAP_THRESHOLD = 32 << 20      # bytes: glibc's ceiling on 64-bit, where train.py puts it back
 
 
-def set_mmap_threshold(size):
-    """glibc's M_MMAP_THRESHOLD: allocations of `size` bytes or more are mapped afresh from the
-    kernel and unmapped when freed. False where the C library has no such setting."""
+def keep_heap(size=MMAP_THRESHOLD):
+    """Set glibc's allocator to keep its heaps rather than hand memory back and forth with the
+    kernel: allocations under `size` bytes come from a heap (M_MMAP_THRESHOLD); a heap keeps up
+    to twice that free at its top (M_TRIM_THRESHOLD, as glibc sets it itself when it raises the
+    mmap threshold); and a heap grows twice `size` at a time, so that at 32 MiB a thread's heap
+    (64 MiB at most) is never deleted once made (M_TOP_PAD). Reserved address space grows, not
+    memory in use. False where the C library has no such settings."""
     import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):   # not glibc (macOS, Windows)
         return False
-    return mallopt(M_MMAP_THRESHOLD, size) == 1   # musl's mallopt does nothing and says 0
+    settings = {M_MMAP_THRESHOLD: size, M_TRIM_THRESHOLD: 2 * size, M_TOP_PAD: 2 * size}
+    # all of them: musl's mallopt does nothing and says 0
+    return all([mallopt(param, value) == 1 for param, value in settings.items()])
 
 
 def undo_malloc_patch():
@@ -125,9 +131,12 @@ def undo_malloc_patch():
     128 KiB for the life of the process (tensorflow::data::ApplyPython311MemoryPatch), which also
     ends glibc's own raising of it. Every tensor of 128 KiB or more is then mapped, page-faulted
     in and unmapped, every step: on a 2-core VM half of a run's CPU time went to the kernel
-    (bench.py malloc). So spend the patch now, on an empty dataset, then put the threshold at
-    glibc's ceiling. Only where tensors live changes, not what is computed. Returns whether the
-    threshold was set (TensorFlow on glibc)."""
+    (bench.py malloc). Nor does glibc's raising of its trim threshold go on: each thread's heap
+    gives its free top back to the kernel, or is deleted and made again, and faults it all in
+    afresh, step after step (14-28 % of a paper-scale run's CPU time, in the kernel). So spend
+    the patch now, on an empty dataset, then have glibc keep its heaps (keep_heap). Only where
+    tensors live changes, not what is computed. Returns whether glibc took the settings
+    (TensorFlow on glibc)."""
     if name() != "tensorflow":
         return False
     import tensorflow as tf
@@ -135,7 +144,7 @@ def undo_malloc_patch():
                                            output_signature=tf.TensorSpec((), tf.int32))
     for _ in spent:
         pass
-    return set_mmap_threshold(MMAP_THRESHOLD)
+    return keep_heap()
 
 
 def versions():

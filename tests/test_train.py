@@ -586,12 +586,15 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 
 MALLOC = r'''
-import ctypes
+import ctypes, threading
 import keras, numpy as np
 from gnrepro import backends, loops
 import train
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.mallinfo2.restype = type("Mallinfo2", (ctypes.Structure,), {"_fields_": [
+    (f, ctypes.c_size_t) for f in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                                  "fordblks keepcost".split()]})
 
 def mapped():
     """Whether glibc maps 28 MiB afresh (the IS_MMAPPED bit of the chunk's size word) rather
@@ -601,6 +604,28 @@ def mapped():
     bit = ctypes.c_size_t.from_address(p - 8).value & 2
     libc.free(p)
     return bool(bit)
+
+def kept():
+    """Whether glibc keeps what threads free, once it has settled: three threads in turn take
+    4 x 20 MiB, more than one of a thread's heaps (64 MiB) holds, and free it, which gives a
+    heap's top back (M_TRIM_THRESHOLD) and deletes the heap past it (M_TOP_PAD) unless glibc
+    keeps them. mallinfo2's arena: all arenas' heaps, in bytes; the first thread's is ignored
+    (its arena is new)."""
+    def allocate_and_free(sizes):
+        blocks = [libc.malloc(20 << 20) for _ in range(4)]
+        for p in blocks:
+            ctypes.memset(p, 1, 20 << 20)
+        sizes.append(libc.mallinfo2().arena)
+        for p in reversed(blocks):
+            libc.free(p)
+        sizes.append(libc.mallinfo2().arena)
+    rounds = []
+    for _ in range(3):
+        rounds.append([])
+        thread = threading.Thread(target=allocate_and_free, args=(rounds[-1],))
+        thread.start()
+        thread.join()
+    return all(freed >= grown for grown, freed in rounds[1:])
 
 def fit():
     """Two steps of ResNet-20 fed as loops.fit_epoch feeds it (a PyDataset); its weights."""
@@ -616,11 +641,12 @@ def fit():
 backends.enable_determinism()
 mapped()   # glibc raises its threshold past a freed mapping's size: 28 MiB is heap from now
 before = mapped()
+libc.mallopt(-1, 4 << 20)   # M_TRIM_THRESHOLD: about where a run's glibc has it by the patch
 patched = fit()
 after_fit = mapped()
 undone = backends.undo_malloc_patch()
 again = fit()
-print(before, after_fit, undone, mapped(),
+print(before, after_fit, undone, mapped(), kept(),
       all(np.array_equal(a, b) for a, b in zip(patched, again)))
 '''
 
@@ -628,14 +654,15 @@ print(before, after_fit, undone, mapped(),
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
 def test_tensorflows_malloc_patch_is_undone_and_the_weights_are_the_same():
     """TensorFlow's first tf.data generator maps every tensor of 128 KiB or more afresh, for the
-    rest of the process; backends.undo_malloc_patch spends that patch and puts tensors back on
-    the heap, and a fit computes the same weights, bit for bit, either way (a fresh process:
-    the patch is once a process)."""
+    rest of the process, and leaves glibc's trim threshold where it was. backends.
+    undo_malloc_patch spends that patch, puts tensors back on the heap, has the heap keep what
+    threads free (backends.keep_heap), and a fit computes
+    the same weights, bit for bit, either way (a fresh process: the patch is once a process)."""
     result = subprocess.run([sys.executable, "-c", MALLOC], cwd=REPO, capture_output=True,
                             text=True, timeout=600,
                             env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["False", "True", "True", "False", "True"]
+    assert result.stdout.split() == ["False", "True", "True", "False", "True", "True"]
 
 
 # --- real images -------------------------------------------------------------------------

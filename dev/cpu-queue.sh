@@ -29,7 +29,9 @@ entries = recipe.grid("default")
 def nearly_done(e):
     state, where = sweep.run_state(args, e)
     return state == "checkpointed" and where[1] - where[0] <= near
-print(" ".join(str(i) for i, e in enumerate(entries) if e.seed == 1 or e.batch_size <= small or nearly_done(e)))')
+queue = [i for i, e in enumerate(entries)
+         if e.seed == 1 or e.batch_size <= small or nearly_done(e)]
+print(" ".join(map(str, queue)))')
 echo "dev/cpu-queue.sh: grid entries $tasks, until $limit"
 exec .venv/bin/python train.py --profile default --tasks "$tasks" --time-limit "$limit" \
     --threads 1 --jobs 2 --data-dir "$out" \

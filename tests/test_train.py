@@ -641,7 +641,7 @@ def fit():
 backends.enable_determinism()
 mapped()   # glibc raises its threshold past a freed mapping's size: 28 MiB is heap from now
 before = mapped()
-libc.mallopt(-1, 4 << 20)   # M_TRIM_THRESHOLD: about where a run's glibc has it by the patch
+libc.mallopt(backends.M_TRIM_THRESHOLD, 4 << 20)   # about where a run's glibc has it by then
 patched = fit()
 after_fit = mapped()
 undone = backends.undo_malloc_patch()
@@ -656,8 +656,8 @@ def test_tensorflows_malloc_patch_is_undone_and_the_weights_are_the_same():
     """TensorFlow's first tf.data generator maps every tensor of 128 KiB or more afresh, for the
     rest of the process, and leaves glibc's trim threshold where it was. backends.
     undo_malloc_patch spends that patch, puts tensors back on the heap, has the heap keep what
-    threads free (backends.keep_heap), and a fit computes
-    the same weights, bit for bit, either way (a fresh process: the patch is once a process)."""
+    threads free (backends.keep_heap), and a fit computes the same weights, bit for bit,
+    either way (a fresh process: the patch is once a process)."""
     result = subprocess.run([sys.executable, "-c", MALLOC], cwd=REPO, capture_output=True,
                             text=True, timeout=600,
                             env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"})

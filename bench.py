@@ -4,6 +4,7 @@
     python bench.py backends [--backends tensorflow jax torch] [--python-jax PATH] [--cpus K]
     python bench.py malloc [--batch-sizes 8] [--workers 8] [--python-tensorflow PATH]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
+    python bench.py input [--epoch-seconds 6] [--steps 30] [--repeats 5] [--test-images 10000]
     KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
     KERAS_BACKEND=jax python bench.py pack [--pack 3] [--batch-sizes 32 16 8 4 2]
                           [--variants float32 unroll4 bf16] [--xla-flags FLAGS]
@@ -13,9 +14,9 @@
 `train` (on the backend of KERAS_BACKEND: tensorflow, jax or torch; the default is
 tensorflow where it is installed, else jax): training throughput (images per second after
 warm-up) of train.py's ResNet-20 with BN and with GN at batch sizes N = 32 to 2 and W
-workers, trained as train.py trains it (build_model, compile_model, loops.Batches of
-cifar10.TrainBatches, loops.StepCallback), and in the same run a plain baseline: the same
-architecture with keras.layers.BatchNormalization (over all W * N images of a step) /
+workers, trained as train.py trains it (build_model, compile_model, backends.fit_input of
+loops.Batches of cifar10.TrainBatches, loops.StepCallback), and in the same run a plain
+baseline: the same architecture with keras.layers.BatchNormalization (over all W * N images of a step) /
 GroupNormalization, compiled with SGD and Keras' defaults (one step per call), fed from
 NumPy arrays by model.fit with default settings (verbose=0). Each configuration is built,
 compiled and run once untimed first; the configurations are interleaved in every repeat
@@ -41,9 +42,9 @@ the ratios to the first backend, the cores each kept busy; then evaluation's img
 
 `malloc`: TensorFlow only, `train`'s measurement of ours in two worker processes side by
 side, interleaved as `backends` runs them: one as train.py runs, one with the C library's
-setting that TensorFlow leaves. The first tf.data generator of a process (Keras makes one of
-the PyDataset that train.py feeds fit) sets glibc's mmap threshold to 128 KiB for good, so
-every larger tensor is mapped, page-faulted in and unmapped each step; train.py spends that
+setting that TensorFlow leaves. The first tf.data generator of a process (backends.fit_input
+makes one of the batches that train.py feeds fit) sets glibc's mmap threshold to 128 KiB for
+good, so every larger tensor is mapped, page-faulted in and unmapped each step; train.py spends that
 patch at its start, puts the threshold at 32 MiB and has glibc keep its heaps
 (backends.undo_malloc_patch, keep_heap). The table:
 img/s of each, their ratio, and the share of each worker's CPU time spent in the kernel.
@@ -55,6 +56,15 @@ shapes, compiled as training compiles them (tf.function under TensorFlow, jax.ji
 under JAX; eager under PyTorch, as Keras' torch trainer runs). Warm-up excluded; the
 three layers are interleaved in every repeat so a busy CPU slows all of them alike,
 and the table shows medians over repeats and the ratios to BatchNormalization.
+
+`input`: TensorFlow only, the wall time of whole calls of fit (one epoch) and predict, fed as
+train.py feeds them (backends.fit_input, backends.predict: tf.data without its autotuning)
+against Keras' own feeding (fit on the PyDataset, predict on the NumPy array), interleaved in
+every repeat. fit trains a one-layer model on --steps batches that take --epoch-seconds / steps
+each to make (sleeping), so the work of an epoch is known; predict is train.evaluate's, ResNet-20
+(GN) on --test-images synthetic test inputs. Keras' own feeding often ends a call only when
+tf.data's tuning thread next wakes (10 ms, doubling to 60 s). The table: median and longest call
+of each, and the ratio of Keras' own median to train.py's.
 
 `loop`: JAX only, the scan loop (backends.ScanLoop) against fit, as a GPU runs the sweep.
 
@@ -280,8 +290,9 @@ class Images:
 
 def ours(norm, batch_size, workers, args, data):
     """fit(callback) for train.py's model, compiled and fed as loops.fit_epoch does:
-    build_model, compile_model, loops.Batches of cifar10.TrainBatches, loops.StepCallback."""
-    from gnrepro import cifar10
+    build_model, compile_model, backends.fit_input of loops.Batches of cifar10.TrainBatches,
+    loops.StepCallback."""
+    from gnrepro import backends, cifar10
     import train
     cfg = recipe.Config(norm=norm, batch_size=batch_size, workers=workers,
                         mixed_precision=args.mixed_precision)
@@ -289,7 +300,8 @@ def ours(norm, batch_size, workers, args, data):
     total = cifar10.steps_per_epoch(len(data.y), step)
     model = train.build_model(cfg)
     train.compile_model(model, cfg, total)
-    batches = loops.Batches(cifar10.TrainBatches(data.padded, data.y, step, cfg.seed, 0))
+    batches = backends.fit_input(
+        loops.Batches(cifar10.TrainBatches(data.padded, data.y, step, cfg.seed, 0)))
     steps = loops.StepCallback(NoStop(), 0, total, False)
 
     def fit(callback):
@@ -363,8 +375,10 @@ def eval_rate(model, data, repeats=2, warmup=True):
     """Images per second of train.evaluate's inference pass (predict on the test inputs in
     batches of recipe.EVAL_BATCH_SIZE); median of `repeats`, after one untimed pass."""
 
+    from gnrepro import backends
+
     def predict():
-        model.predict(data.test_inputs, batch_size=recipe.EVAL_BATCH_SIZE, verbose=0)
+        backends.predict(model, data.test_inputs, recipe.EVAL_BATCH_SIZE)
     if warmup:
         predict()
     times = []
@@ -679,6 +693,67 @@ def bench_malloc(args):
           f"worker's CPU time spent in the kernel (page faults, mapping and unmapping); medians "
           f"of {args.repeats} interleaved repeats of {args.seconds:g} s after {args.warmup:g} s "
           f"of warm-up each, {args.images} synthetic images")
+
+
+# ---------------------------------------------------------------- bench.py input (TensorFlow)
+
+class SlowBatches(keras.utils.PyDataset):
+    """`steps` batches of 8 zeros (images of 4 values) that take `seconds` each to make."""
+
+    def __init__(self, steps, seconds):
+        super().__init__()
+        self.steps, self.seconds = steps, seconds
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, i):
+        time.sleep(self.seconds)
+        return np.zeros((8, 4), np.float32), np.zeros((8,), np.int32)
+
+
+def input_calls(args):
+    """{(call, feeding): a function making one whole call}: fit (one epoch) and predict, fed as
+    train.py feeds them and as Keras feeds itself."""
+    from gnrepro import backends
+    import train
+    keras.utils.set_random_seed(0)
+    tiny = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10)])
+    tiny.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    batches = SlowBatches(args.steps, args.epoch_seconds / args.steps)
+    resnet = train.build_resnet20("gn")
+    x = Images(args.test_images, test=args.test_images).test_inputs
+    batch = recipe.EVAL_BATCH_SIZE
+    return {
+        ("fit", "train.py"): lambda: tiny.fit(backends.fit_input(batches), verbose=0,
+                                              shuffle=False),
+        ("fit", "Keras"): lambda: tiny.fit(batches, verbose=0, shuffle=False),
+        ("predict", "train.py"): lambda: backends.predict(resnet, x, batch),
+        ("predict", "Keras"): lambda: resnet.predict(x, batch_size=batch, verbose=0)}
+
+
+def bench_input(args):
+    """Seconds of whole fit and predict calls, train.py's feeding against Keras' own."""
+    calls = input_calls(args)
+    for call in calls.values():   # untimed: compilation, first calls
+        call()
+    seconds = {key: [] for key in calls}
+    for _ in range(args.repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            seconds[key].append(time.perf_counter() - start)
+    print(f"{'call':<9}{'feeding':<10}{'median s':>10}{'longest s':>11}{'ratio':>7}")
+    for (call, feeding), times in seconds.items():
+        ratio = statistics.median(seconds[call, "Keras"]) / statistics.median(times)
+        print(f"{call:<9}{feeding:<10}{statistics.median(times):>10.2f}{max(times):>11.2f}"
+              f"{ratio:>7.2f}")
+    print(f"train.py: backends.fit_input / backends.predict (tf.data, autotuning off); Keras: "
+          f"fit on the PyDataset, predict on the NumPy array; ratio: Keras' median over this "
+          f"row's; {args.repeats} interleaved repeats after one untimed; fit: one epoch of "
+          f"{args.steps} batches made in {args.epoch_seconds:g} s; predict: ResNet-20 (GN) on "
+          f"{args.test_images} test inputs in batches of {recipe.EVAL_BATCH_SIZE}; intra-op "
+          f"threads {args.threads}")
 
 
 # ---------------------------------------------------------------- bench.py loop (JAX)
@@ -1096,6 +1171,35 @@ def add_malloc_parser(sub):
     m.set_defaults(run=bench_malloc, check=check_run_arguments)
 
 
+def add_input_parser(sub):
+    i = sub.add_parser("input", help="TensorFlow: seconds of whole fit and predict calls fed as "
+                                     "train.py feeds them and as Keras feeds itself")
+    i.add_argument("--epoch-seconds", type=float, default=6.0,
+                   help="the time it takes to make an epoch's batches (default 6)")
+    i.add_argument("--steps", type=int, default=30, help="batches an epoch (default 30)")
+    i.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
+    i.add_argument("--test-images", type=int, default=10000,
+                   help="synthetic test inputs predict runs on (default 10000)")
+    i.add_argument("--threads", type=int, default=recipe.THREADS,
+                   help=f"intra-op threads (default {recipe.THREADS}, train.py's)")
+    i.set_defaults(run=bench_input, check=check_input_arguments)
+
+
+def check_input_arguments(parser, args):
+    if keras.backend.backend() != "tensorflow":
+        parser.error(f"input measures TensorFlow's tf.data (KERAS_BACKEND is "
+                     f"{keras.backend.backend()}); run it with KERAS_BACKEND=tensorflow")
+    if args.epoch_seconds < 0 or min(args.steps, args.repeats, args.test_images) < 1:
+        parser.error(f"--epoch-seconds should be 0 or more and --steps, --repeats and "
+                     f"--test-images 1 or more, got {args.epoch_seconds:g}, {args.steps}, "
+                     f"{args.repeats} and {args.test_images}")
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 (one per core) or a positive integer, "
+                     f"got {args.threads}")
+    from gnrepro import backends
+    backends.set_threads(args.threads)
+
+
 def add_loop_parser(sub):
     s = sub.add_parser("loop", help="JAX: training img/s of the scan loop (train.py --loop scan) "
                                     "and of fit, as a GPU runs the sweep")
@@ -1129,7 +1233,7 @@ def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_layer_parser, add_train_parser, add_backends_parser, add_malloc_parser,
-                add_loop_parser, add_pack_parser, add_plan_parser):
+                add_input_parser, add_loop_parser, add_pack_parser, add_plan_parser):
         add(sub)
     return parser
 

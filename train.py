@@ -220,8 +220,8 @@ def compile_model(model, cfg, steps_per_epoch, devices=1):
 
 def evaluate(model, data):
     """(test loss, test error in %) on data's test images, inference mode, deterministic."""
-    logits = np.asarray(model.predict(data.test_inputs, batch_size=recipe.EVAL_BATCH_SIZE,
-                                      verbose=0), np.float64)
+    logits = np.asarray(backends.predict(model, data.test_inputs, recipe.EVAL_BATCH_SIZE),
+                        np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     y = np.asarray(data.y_test)

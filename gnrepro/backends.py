@@ -5,6 +5,8 @@ Everything else (the model, the recipe, the data, the run) is written with `kera
 
 - threads and determinism (each library has its own switches, set before it starts);
 - TensorFlow's setting of the C library's allocator, which tf.data changes (undo_malloc_patch);
+- what fit and predict are fed on TensorFlow: tf.data without its autotuning, whose thread
+  holds the end of every call until it next wakes (fit_input, predict);
 - devices: TensorFlow's MirroredStrategy (each replica sees its own W / K worker slices),
   JAX's keras.distribution.DataParallel (one global batch, sharded: the model sees all W
   slices), none on PyTorch (Keras 3.15 has no keras.distribution for it);
@@ -127,9 +129,9 @@ def keep_heap(size=MMAP_THRESHOLD):
 
 def undo_malloc_patch():
     """Keep tensors on the heap under TensorFlow. The first tf.data GeneratorDataset of a process
-    (Keras makes one of each PyDataset: loops.fit_epoch's input) sets glibc's mmap threshold to
-    128 KiB for the life of the process (tensorflow::data::ApplyPython311MemoryPatch), which also
-    ends glibc's own raising of it. Every tensor of 128 KiB or more is then mapped, page-faulted
+    (fit_input makes one of each epoch's batches) sets glibc's mmap threshold to 128 KiB for
+    the life of the process (tensorflow::data::ApplyPython311MemoryPatch), which also ends
+    glibc's own raising of it. Every tensor of 128 KiB or more is then mapped, page-faulted
     in and unmapped, every step: on a 2-core VM half of a run's CPU time went to the kernel
     (bench.py malloc). Nor does glibc's raising of its trim threshold go on: each thread's heap
     gives its free top back to the kernel, or is deleted and made again, and faults it all in
@@ -145,6 +147,41 @@ def undo_malloc_patch():
     for _ in spent:
         pass
     return keep_heap()
+
+
+def _untuned(dataset):
+    import tensorflow as tf
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
+def fit_input(sequence):
+    """What model.fit trains on: the batches of `sequence` (a keras.utils.PyDataset, in order).
+    On TensorFlow, the pipeline Keras makes of one (a generator of its batches, specs from the
+    first, prefetched), with tf.data's autotuning off. Its tuning thread wakes at intervals that
+    double from 10 ms to 60 s, and a call often ended only at its next wake-up: the epochs of a
+    paper-scale run lasted 202.0 or 382.0 s, 10-60 s of them idle (bench.py input). The same
+    batches in the same order feed the same step; the prefetch buffer sizes itself."""
+    if name() != "tensorflow" or len(sequence) == 0:
+        return sequence
+    import tensorflow as tf
+    spec = tuple(tf.TensorSpec(np.shape(a), np.asarray(a).dtype) for a in sequence[0])
+    batches = tf.data.Dataset.from_generator(
+        lambda: (tuple(sequence[i]) for i in range(len(sequence))), output_signature=spec)
+    batches = batches.apply(tf.data.experimental.assert_cardinality(len(sequence)))
+    return _untuned(batches.prefetch(tf.data.AUTOTUNE))
+
+
+def predict(model, x, batch_size):
+    """model.predict of the rows of x in order, in batches of batch_size: a NumPy array. On
+    TensorFlow fed through tf.data without its autotuning (fit_input says why)."""
+    if name() == "tensorflow":
+        import tensorflow as tf
+        x = _untuned(tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+                     .prefetch(tf.data.AUTOTUNE))
+        batch_size = None
+    return model.predict(x, batch_size=batch_size, verbose=0)
 
 
 def versions():

@@ -139,7 +139,8 @@ def fit_epoch(members, data, stop, progress, total):
                                    cfg.seed, state["epoch"], skip_batches=state["step"])
     saved = (state["partial"] or {}).get("metrics")
     callback = StepCallback(stop, state["step"], total, progress, metrics=saved)
-    m.model.fit(Batches(batches), epochs=1, verbose=0, shuffle=False, callbacks=[callback])
+    m.model.fit(backends.fit_input(Batches(batches)), epochs=1, verbose=0, shuffle=False,
+                callbacks=[callback])
     return callback.steps, [{**callback.logs, "metrics": metric_state(m.model),
                              "restored": callback.restored}]
 

@@ -204,6 +204,36 @@ def test_bench_malloc_worker_that_fails_is_named():
         bench.main(["malloc", "--python-tensorflow", "/bin/false", "--workers", "1", *TINY])
 
 
+@tensorflow_here
+def test_bench_input_table():
+    """fit and predict, each fed as train.py feeds it and as Keras feeds itself: four rows,
+    every fit at least as long as its batches take to make, the ratios of the medians."""
+    result = subprocess.run([sys.executable, "bench.py", "input", "--epoch-seconds", "0.4",
+                             "--steps", "2", "--repeats", "2", "--test-images", "20"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, rows = table(result.stdout, "call")
+    assert header == ["call", "feeding", "median s", "longest s", "ratio"]
+    assert [r[:2] for r in rows] == [["fit", "train.py"], ["fit", "Keras"],
+                                     ["predict", "train.py"], ["predict", "Keras"]]
+    median = {tuple(r[:2]): float(r[2]) for r in rows}
+    for call, feeding, med, longest, ratio in rows:
+        assert float(longest) >= float(med) > (0.4 if call == "fit" else 0)
+        assert float(ratio) == pytest.approx(median[call, "Keras"] / float(med), abs=0.02)
+    assert "fit: one epoch of 2 batches made in 0.4 s" in result.stdout
+
+
+@tensorflow_here
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps, --repeats and --test-images 1 or more, got 6, 0, 5 and 10000"),
+    (["--epoch-seconds", "-1"], "--epoch-seconds should be 0 or more"),
+    (["--threads", "-2"], "--threads must be 0 (one per core) or a positive integer, got -2")])
+def test_bench_input_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["input", *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_speed_options_reach_the_config_and_default_off(capsys):
     p, args = recipe.parse_args(["--norm", "gn", "--batch-size", "2"])
     cfg = recipe.resolve(p, args)

@@ -17,7 +17,7 @@ import layer  # noqa: E402
 from gnrepro import cifar10  # noqa: E402
 from gnrepro import runfiles  # noqa: E402
 import train  # noqa: E402
-from gnrepro import recipe, signals  # noqa: E402
+from gnrepro import backends, loops, recipe, signals  # noqa: E402
 
 
 # --- the model -------------------------------------------------------------------------
@@ -628,14 +628,14 @@ def kept():
     return all(freed >= grown for grown, freed in rounds[1:])
 
 def fit():
-    """Two steps of ResNet-20 fed as loops.fit_epoch feeds it (a PyDataset); its weights."""
+    """Two steps of ResNet-20 fed as loops.fit_epoch feeds it (fit_input); its weights."""
     keras.utils.set_random_seed(0)
     model = train.build_resnet20("gn")
     model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(True))
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(8, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 8))
                for _ in range(2)]
-    model.fit(loops.Batches(batches), verbose=0, shuffle=False)
+    model.fit(backends.fit_input(loops.Batches(batches)), verbose=0, shuffle=False)
     return model.get_weights()
 
 backends.enable_determinism()
@@ -663,6 +663,58 @@ def test_tensorflows_malloc_patch_is_undone_and_the_weights_are_the_same():
                             env={k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["False", "True", "True", "False", "True", "True"]
+
+
+def random_batches(steps, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(batch, 32, 32, 3)).astype("float32"),
+             rng.integers(0, 10, batch).astype("int32")) for _ in range(steps)]
+
+
+def test_fit_input_is_the_same_batches_without_tf_data_autotuning():
+    """What fit trains on under TensorFlow: the batches of the PyDataset, in order, byte for
+    byte, with the static shapes Keras gives them, as many as it has, and tf.data's
+    autotuning off (its thread held the end of every epoch until it next woke)."""
+    batches = random_batches(3)
+    fed = backends.fit_input(loops.Batches(batches))
+    assert fed.options().autotune.enabled is False
+    assert int(fed.cardinality()) == 3
+    assert [tuple(s.shape) for s in fed.element_spec] == [(8, 32, 32, 3), (8,)]
+    got = [(x.numpy(), y.numpy()) for x, y in fed]
+    assert len(got) == 3
+    for (x, y), (want_x, want_y) in zip(got, batches):
+        assert x.dtype == want_x.dtype and x.tobytes() == want_x.tobytes()
+        assert y.dtype == want_y.dtype and np.array_equal(y, want_y)
+    empty = loops.Batches([])
+    assert backends.fit_input(empty) is empty   # (Keras says what is wrong with it)
+
+
+def test_fit_on_fit_input_trains_the_same_weights_as_on_the_pydataset():
+    """BN, moving statistics included: three steps either way, bit for bit."""
+    batches = random_batches(3)
+    weights = []
+    for feed in (loops.Batches, lambda b: backends.fit_input(loops.Batches(b))):
+        keras.utils.set_random_seed(0)
+        model = train.build_resnet20("bn", workers=2)
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(feed(batches), verbose=0, shuffle=False)
+        weights.append(model.get_weights())
+    assert int(model.optimizer.iterations.numpy()) == 3
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_predict_is_keras_predict_on_the_array_bit_for_bit():
+    """backends.predict (train.evaluate's) against model.predict of the NumPy array, a last
+    batch short."""
+    keras.utils.set_random_seed(0)
+    model = train.build_resnet20("gn")
+    x = np.random.default_rng(1).normal(size=(10, 32, 32, 3)).astype("float32")
+    got = backends.predict(model, x, 4)
+    want = model.predict(x, batch_size=4, verbose=0)
+    assert got.shape == (10, 10)
+    np.testing.assert_array_equal(got, want)
 
 
 # --- real images -------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     python bench.py malloc [--batch-sizes 8] [--workers 8] [--python-tensorflow PATH]
     python bench.py layer [--batch-sizes 2 32 128] [--repeats 7] [--steps 20]
     python bench.py input [--epoch-seconds 6] [--steps 30] [--repeats 5] [--test-images 10000]
+                          [--threads T]
     KERAS_BACKEND=jax python bench.py loop [--loops scan fit] [--precisions float32 mixed]
     KERAS_BACKEND=jax python bench.py pack [--pack 3] [--batch-sizes 32 16 8 4 2]
                           [--variants float32 unroll4 bf16] [--xla-flags FLAGS]
@@ -16,9 +17,9 @@ tensorflow where it is installed, else jax): training throughput (images per sec
 warm-up) of train.py's ResNet-20 with BN and with GN at batch sizes N = 32 to 2 and W
 workers, trained as train.py trains it (build_model, compile_model, backends.fit_input of
 loops.Batches of cifar10.TrainBatches, loops.StepCallback), and in the same run a plain
-baseline: the same architecture with keras.layers.BatchNormalization (over all W * N images of a step) /
-GroupNormalization, compiled with SGD and Keras' defaults (one step per call), fed from
-NumPy arrays by model.fit with default settings (verbose=0). Each configuration is built,
+baseline: the same architecture with keras.layers.BatchNormalization (over all W * N images
+of a step) / GroupNormalization, compiled with SGD and Keras' defaults (one step per call),
+fed from NumPy arrays by model.fit with default settings (verbose=0). Each configuration is built,
 compiled and run once untimed first; the configurations are interleaved in every repeat
 (a busy CPU slows them alike); the table shows medians, the ratios to the baseline,
 GN/BN, each batch size against 32, the cores kept busy (process CPU seconds per second),
@@ -1189,8 +1190,9 @@ def check_input_arguments(parser, args):
     if keras.backend.backend() != "tensorflow":
         parser.error(f"input measures TensorFlow's tf.data (KERAS_BACKEND is "
                      f"{keras.backend.backend()}); run it with KERAS_BACKEND=tensorflow")
-    if args.epoch_seconds < 0 or min(args.steps, args.repeats, args.test_images) < 1:
-        parser.error(f"--epoch-seconds should be 0 or more and --steps, --repeats and "
+    if (not 0 <= args.epoch_seconds < math.inf
+            or min(args.steps, args.repeats, args.test_images) < 1):
+        parser.error(f"--epoch-seconds should be 0 or more (finite) and --steps, --repeats and "
                      f"--test-images 1 or more, got {args.epoch_seconds:g}, {args.steps}, "
                      f"{args.repeats} and {args.test_images}")
     if args.threads < 0:

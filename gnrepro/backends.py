@@ -6,7 +6,7 @@ Everything else (the model, the recipe, the data, the run) is written with `kera
 - threads and determinism (each library has its own switches, set before it starts);
 - TensorFlow's setting of the C library's allocator, which tf.data changes (undo_malloc_patch);
 - what fit and predict are fed on TensorFlow: tf.data without its autotuning, whose thread
-  holds the end of every call until it next wakes (fit_input, predict);
+  often holds the end of a call until it next wakes (fit_input, predict);
 - devices: TensorFlow's MirroredStrategy (each replica sees its own W / K worker slices),
   JAX's keras.distribution.DataParallel (one global batch, sharded: the model sees all W
   slices), none on PyTorch (Keras 3.15 has no keras.distribution for it);
@@ -157,16 +157,18 @@ def _untuned(dataset):
 
 
 def fit_input(sequence):
-    """What model.fit trains on: the batches of `sequence` (a keras.utils.PyDataset, in order).
-    On TensorFlow, the pipeline Keras makes of one (a generator of its batches, specs from the
-    first, prefetched), with tf.data's autotuning off. Its tuning thread wakes at intervals that
-    double from 10 ms to 60 s, and a call often ended only at its next wake-up: the epochs of a
-    paper-scale run lasted 202.0 or 382.0 s, 10-60 s of them idle (bench.py input). The same
-    batches in the same order feed the same step; the prefetch buffer sizes itself."""
+    """What model.fit trains on: the batches of `sequence` (a keras.utils.PyDataset of
+    (inputs, labels) tuples of equal shapes, in order). On TensorFlow, the pipeline Keras makes
+    of one (a generator of its batches, specs from the first with the batch axis None,
+    prefetched), with tf.data's autotuning off. Its tuning thread wakes at intervals that
+    double from 10 ms to 60 s, and a call often ended only at its next wake-up: many epochs of
+    the paper-scale queue lasted exactly 322.0 or 382.0 s (bench.py input measures the wait).
+    The same batches in the same order feed the same step; the prefetch buffer sizes itself."""
     if name() != "tensorflow" or len(sequence) == 0:
         return sequence
     import tensorflow as tf
-    spec = tuple(tf.TensorSpec(np.shape(a), np.asarray(a).dtype) for a in sequence[0])
+    spec = tuple(tf.TensorSpec((None, *np.shape(a)[1:]), np.asarray(a).dtype)
+                 for a in sequence[0])
     batches = tf.data.Dataset.from_generator(
         lambda: (tuple(sequence[i]) for i in range(len(sequence))), output_signature=spec)
     batches = batches.apply(tf.data.experimental.assert_cardinality(len(sequence)))
@@ -175,10 +177,12 @@ def fit_input(sequence):
 
 def predict(model, x, batch_size):
     """model.predict of the rows of x in order, in batches of batch_size: a NumPy array. On
-    TensorFlow fed through tf.data without its autotuning (fit_input says why)."""
+    TensorFlow fed through tf.data without its autotuning (fit_input says why), the batch axis
+    static where the batches are all full, as Keras feeds an array."""
     if name() == "tensorflow":
         import tensorflow as tf
-        x = _untuned(tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        full = len(x) % batch_size == 0
+        x = _untuned(tf.data.Dataset.from_tensor_slices(x).batch(batch_size, drop_remainder=full)
                      .prefetch(tf.data.AUTOTUNE))
         batch_size = None
     return model.predict(x, batch_size=batch_size, verbose=0)

@@ -375,7 +375,6 @@ def measure(runs, key, args):
 def eval_rate(model, data, repeats=2, warmup=True):
     """Images per second of train.evaluate's inference pass (predict on the test inputs in
     batches of recipe.EVAL_BATCH_SIZE); median of `repeats`, after one untimed pass."""
-
     from gnrepro import backends
 
     def predict():

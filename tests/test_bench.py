@@ -218,8 +218,15 @@ def test_bench_input_table():
                                      ["predict", "train.py"], ["predict", "Keras"]]
     median = {tuple(r[:2]): float(r[2]) for r in rows}
     for call, feeding, med, longest, ratio in rows:
-        assert float(longest) >= float(med) > (0.4 if call == "fit" else 0)
-        assert float(ratio) == pytest.approx(median[call, "Keras"] / float(med), abs=0.02)
+        assert float(longest) >= float(med) >= (0.4 if call == "fit" else 0)
+        # The ratio is of the unrounded medians; the table prints each to 0.005 s, which
+        # for a call of a few hundredths of a second bounds the ratio only loosely.
+        keras, ours = median[call, "Keras"], float(med)
+        assert float(ratio) >= (keras - 0.005) / (ours + 0.005) - 0.005
+        if ours > 0.005:
+            assert float(ratio) <= (keras + 0.005) / (ours - 0.005) + 0.005
+        if feeding == "Keras":
+            assert ratio == "1.00"
     assert "fit: one epoch of 2 batches made in 0.4 s" in result.stdout
 
 

@@ -1080,9 +1080,7 @@ def check_run_arguments(parser, args):
         parser.error(f"--images {args.images} should hold at least 2 steps of {step} images")
     if args.threads is None:
         args.threads = recipe.THREADS
-    if args.threads < 0:
-        parser.error(f"--threads must be 0 (one per core) or a positive integer, "
-                     f"got {args.threads}")
+    recipe.require_threads(parser, args.threads)
 
 
 def check_backends_arguments(parser, args):
@@ -1194,9 +1192,7 @@ def check_input_arguments(parser, args):
         parser.error(f"--epoch-seconds should be 0 or more (finite) and --steps, --repeats and "
                      f"--test-images 1 or more, got {args.epoch_seconds:g}, {args.steps}, "
                      f"{args.repeats} and {args.test_images}")
-    if args.threads < 0:
-        parser.error(f"--threads must be 0 (one per core) or a positive integer, "
-                     f"got {args.threads}")
+    recipe.require_threads(parser, args.threads)
     from gnrepro import backends
     backends.set_threads(args.threads)
 

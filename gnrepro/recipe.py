@@ -349,6 +349,12 @@ def require_positive(parser, args, names):
                 parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
 
 
+def require_threads(parser, threads):
+    """parser.error unless --threads is 0 (one per core) or a positive integer."""
+    if threads < 0:
+        parser.error(f"--threads must be 0 (one per core) or a positive integer, got {threads}")
+
+
 def check_groups(groups, what="groups"):
     """groups (or channels_per_group, named by `what`) should divide 16, 32 and 64."""
     if not is_positive_int(groups) or 16 % groups:
@@ -556,8 +562,7 @@ def _how_to_run(p):
 
 def _check(p, args):
     """What argparse cannot check itself, named by option (p.error exits with status 2)."""
-    if args.threads < 0:
-        p.error(f"--threads must be 0 (one per core) or a positive integer, got {args.threads}")
+    require_threads(p, args.threads)
     if args.seeds is not None and (not args.seeds or min(args.seeds) < 0
                                    or len(set(args.seeds)) < len(args.seeds)):
         p.error(f"--seeds should be distinct non-negative integers, got {args.seeds}")

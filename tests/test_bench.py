@@ -93,6 +93,13 @@ def table(out, first):
     return header, rows
 
 
+def within_rounding(ratio, num, den, unit, slack):
+    """ratio, printed with `slack`, is num / den for some values within `unit` of the printed
+    num and den (a ratio of unrounded numbers whose rounded values the table shows)."""
+    low = (num - unit) / (den + unit) - slack
+    return low <= ratio <= (num + unit) / max(den - unit, 1e-9) + slack
+
+
 TINY = ["--batch-sizes", "2", "--images", "16", "--repeats", "1", "--warmup", "0",
         "--seconds", "0.05"]
 
@@ -221,10 +228,7 @@ def test_bench_input_table():
         assert float(longest) >= float(med) >= (0.4 if call == "fit" else 0)
         # The ratio is of the unrounded medians; the table prints each to 0.005 s, which
         # for a call of a few hundredths of a second bounds the ratio only loosely.
-        keras, ours = median[call, "Keras"], float(med)
-        assert float(ratio) >= (keras - 0.005) / (ours + 0.005) - 0.005
-        if ours > 0.005:
-            assert float(ratio) <= (keras + 0.005) / (ours - 0.005) + 0.005
+        assert within_rounding(float(ratio), median[call, "Keras"], float(med), 0.005, 0.005)
         if feeding == "Keras":
             assert ratio == "1.00"
     assert "fit: one epoch of 2 batches made in 0.4 s" in result.stdout
@@ -336,7 +340,7 @@ def test_bench_pack_table():
         solo, solo_ms, pack, pack_ms, ratio = map(float, row[4:9])
         assert min(solo, solo_ms, pack, pack_ms) > 0
         # (img/s printed to the unit: the ratio within that rounding)
-        assert (pack - 0.5) / (solo + 0.5) - 0.01 <= ratio <= (pack + 0.5) / max(solo - 0.5, 1e-9) + 0.01
+        assert within_rounding(ratio, pack, solo, 0.5, 0.01)
 
 
 PLAN_HEADER = ["profile", "runs left", "GPU min", "longest", "sessions", "packs", "pack min",

@@ -739,7 +739,8 @@ def listed(items):
 def figure1_status(df):
     """The front page's status: how many of Figure 1's paper-scale runs are done (a row of
     results.csv at W = 8 and 100 epochs: BN and GN, each N, the profile's seeds) and which
-    seeds each point has; what the paper's claim still lacks."""
+    seeds each point has; what the paper's claim still lacks; which seeds have the whole
+    curve."""
     paper = df[(df.workers == recipe.WORKERS) & (df.epochs == recipe.EPOCHS)
                & df.norm.isin(["bn", "gn"]) & df.batch_size.isin(BATCH_SIZES)
                & df.seed.isin(recipe.SEEDS)]
@@ -750,6 +751,12 @@ def figure1_status(df):
     claim = (f"BN's rise at {listed(small)} images per worker, the paper's claim, "
              + (f"has results at N = {listed(bn_small)}." if bn_small
                 else "has no result yet."))
+    whole = [s for s in recipe.SEEDS
+             if all((norm, n, s) in done for norm in ("bn", "gn") for n in BATCH_SIZES)]
+    if whole:
+        claim += (f" Seed{'s' if len(whole) > 1 else ''} {listed(whole)} "
+                  f"{'have' if len(whole) > 1 else 'has'} the whole curve: BN and GN at "
+                  f"every N.")
     bn, gn = (paper[paper.norm == n] for n in ("bn", "gn"))
     per_seed = [(n, cell) for n, cell in zip(BATCH_SIZES, paired_gap(bn, gn, table_metric(df)))
                 if cell]

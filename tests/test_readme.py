@@ -136,4 +136,11 @@ def test_the_status_gives_bn_minus_gn_where_both_ran():
     assert "the paper's claim, has results at N = 4 and 2." in status
     assert "-1.50 \u00b1 0.71 (n=2) at N = 32 (the paper's -0.5), +1.50 at N = 2 (the paper's +10.6)." \
         in status
+    assert "the whole curve" not in status
+    curve = [dict(rows[0], batch_size=n, seed=seed, norm=norm, median_last5_error=15.0)
+             for n in (16, 8, 4, 2) for norm in ("bn", "gn") for seed in (1, 3)]
+    status = plot.figure1_status(pd.DataFrame(rows + curve))
+    assert "Seed 1 has the whole curve: BN and GN at every N." in status   # seed 3: no BN at 32
+    status = plot.figure1_status(pd.DataFrame(rows + curve + [dict(rows[0], seed=3)]))
+    assert "Seeds 1 and 3 have the whole curve: BN and GN at every N." in status
 

@@ -2,6 +2,7 @@
 
     python reproduce.py [--models-dir models] [--out results.csv] [--data-dir DIR]
     python reproduce.py --profile norms [--out results/norms/results.csv]   # a profile's runs
+    python reproduce.py --check             # re-evaluate; compare with results.csv, write nothing
 
 --profile P evaluates P's folder (recipe.profile_paths: models/P/) and the runs P shares with
 another profile, where that one keeps them (recipe.provider: e.g. the norms study's BN and GN
@@ -38,9 +39,16 @@ them: errors to 2 decimals, the loss to 4 (the reproduced error is compared with
 the run record's before rounding). The file is written atomically. A model that
 cannot be read, or has no run record, is named, the others are still evaluated,
 the bad ones are listed at the end and the exit status is 1.
+
+--check re-evaluates the same way but writes nothing: it compares each row with the one for
+the same model in --out (the committed results.csv, on a fresh clone) and exits 0 only if
+both hold the same models, every test error agrees within DISAGREE (0.05 points) and every
+other column but the provenance's date is equal; otherwise it names each row that differs and
+exits 1.
 """
 import argparse
 import datetime
+import io
 import json
 import sys
 from dataclasses import replace
@@ -59,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--out", help="the CSV to write (default: results.csv, or results/P/results.csv)")
     p.add_argument("--data-dir", default=None,
                    help="CIFAR-10 folder, as for train.py (default: train.py's default)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing: compare the re-evaluation with --out's rows (the same "
+                        "models, test error within 0.05 points, the rest equal); exit 1 if "
+                        "any row differs")
     args = p.parse_args(argv)
     if args.profile and args.models_dir:
         p.error("give --profile (its folder and the runs it shares) or --models-dir, not both")
@@ -319,6 +331,46 @@ def write_csv(df, out):
     runfiles.atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
+def compare(new, old):
+    """What differs between a re-evaluation (new) and results.csv's table (old), one line per
+    row, by model: a model in one only, a test error off by more than DISAGREE points (the
+    loss by more than its rounding), or any other column but the date (a saved model's file
+    time on a fresh clone) not equal."""
+    new, old = (df.astype(str).set_index("model") for df in (new, old))
+    problems = [f"{m}: in the re-evaluation, not in the file" for m in new.index.difference(old.index)]
+    problems += [f"{m}: in the file, not re-evaluated" for m in old.index.difference(new.index)]
+    for model in new.index.intersection(old.index):
+        a, b = new.loc[model], old.loc[model]
+        bounds = {"test_error": DISAGREE, "test_loss": 10.0 ** -DECIMALS["test_loss"]}
+        for column, bound in bounds.items():
+            if abs(float(a[column]) - float(b[column])) > bound + 1e-9:
+                problems.append(f"{model}: {column} {a[column]}, the file's {b[column]}")
+        rest = [c for c in new.columns if c not in (*bounds, "date")]
+        problems += [f"{model}: {c} {a.get(c)!r}, the file's {b.get(c)!r}"
+                     for c in rest if a.get(c) != b.get(c)]
+    return problems
+
+
+def check(rows, out):
+    """--check: 0 if the re-evaluated rows agree with the file out, else 1 (2: no such file)."""
+    try:
+        old = pd.read_csv(out, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        print(f"reproduce.py: error: --check: cannot read {out} ({type(e).__name__}: {e}); "
+              f"run `python reproduce.py --out {out}` to write it", file=sys.stderr)
+        return 2
+    text = results_table(rows).to_csv(index=False)   # as write_csv would write it
+    new = pd.read_csv(io.StringIO(text), keep_default_na=False)
+    problems = compare(new, old)
+    if problems:
+        print(f"reproduce.py: --check: {len(problems)} difference(s) from {out}:\n"
+              + "\n".join(f"  {p}" for p in problems), file=sys.stderr)
+        return 1
+    print(f"--check: all {len(new)} row(s) of {out} reproduced (test error within "
+          f"{DISAGREE} points, every other column but the date equal)")
+    return 0
+
+
 def warn(message):
     print(f"reproduce.py: warning: {message}", file=sys.stderr)
 
@@ -351,6 +403,9 @@ def main(argv=None, args=None):
             print(f"reproduce.py: error: {e}\nnothing written", file=sys.stderr)
             return 2
         keras.backend.clear_session()   # free each model's graph before the next
+    if args.check:
+        code = check(rows, args.out)
+        return 1 if bad and code == 0 else code
     if rows:
         write_csv(results_table(rows), args.out)
         print(f"wrote {args.out}: {len(rows) - len(kept)} model(s) evaluated"

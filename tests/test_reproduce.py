@@ -317,6 +317,43 @@ def test_existing_results_are_replaced_whole(reproduced, trained, cifar_dir, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "results.csv"]
 
 
+def test_check_compares_with_the_file_and_writes_nothing(reproduced, trained, cifar_dir,
+                                                         tmp_path):
+    """--check: the same rows within 0.05 points pass; a test error 0.06 off, another column
+    changed, a row missing or an unreadable file fail, naming what differs; nothing is written."""
+    out = tmp_path / "results.csv"
+    good = pd.read_csv(reproduced[3], keep_default_na=False)
+    gn = str(trained / "gn_b8_s1.keras")
+
+    def check(df):
+        if df is not None:
+            df.to_csv(out, index=False)
+        before = out.read_bytes() if out.exists() else None
+        result = run_main(reproduce.main, ["--models-dir", str(trained), "--out", str(out),
+                                           "--data-dir", str(cifar_dir), "--check"])
+        assert (out.read_bytes() if out.exists() else None) == before
+        return result
+
+    code, stdout, _ = check(good)
+    assert code == 0 and "--check: all 2 row(s)" in stdout
+    near = good.copy()
+    near.loc[near.norm == "gn", "test_error"] += 0.04
+    near.loc[near.norm == "bn", "date"] = "1999-01-01"
+    assert check(near)[0] == 0
+    off = good.copy()
+    off.loc[off.norm == "gn", "test_error"] += 0.06
+    off.loc[off.norm == "bn", "median_last5_error"] += 1
+    code, _, stderr = check(off)
+    assert code == 1 and "2 difference(s)" in stderr
+    assert f"  {gn}: test_error " in stderr
+    assert f"{trained / 'bn_b8_s1.keras'}: median_last5_error " in stderr
+    code, _, stderr = check(good[good.norm == "bn"])
+    assert code == 1 and f"  {gn}: in the re-evaluation, not in the file" in stderr
+    out.unlink()
+    code, _, stderr = check(None)
+    assert code == 2 and f"--check: cannot read {out}" in stderr and not out.exists()
+
+
 def test_many_models_are_evaluated_without_a_library_line(trained, cifar_dir, tmp_path):
     """python reproduce.py as a user runs it, on 6 models (the two trained ones, 3 copies of
     each): each has its own predict function, so TensorFlow counts 6 traces of one Python

@@ -102,6 +102,8 @@ CONFIG_KEYS = ["norm", "groups", "batch_size", "workers", "seed", "epochs"]
 DISAGREE = 0.05   # percentage points: warn if the reproduced error differs more from the record's
 DECIMALS = {"test_error": 2, "median_last5_error": 2,   # % (10,000 test images: 0.01 % steps)
             "test_loss": 4}                            # nats
+TOLERANCE = {"test_error": DISAGREE,                   # --check: what may differ, and by how much
+             "test_loss": 10.0 ** -DECIMALS["test_loss"]}
 
 
 class RunError(Exception):
@@ -337,17 +339,16 @@ def compare(new, old):
     loss by more than its rounding), or any other column but the date (a saved model's file
     time on a fresh clone) not equal."""
     new, old = (df.astype(str).set_index("model") for df in (new, old))
-    problems = [f"{m}: in the re-evaluation, not in the file" for m in new.index.difference(old.index)]
+    problems = [f"{m}: in the re-evaluation, not in the file"
+                for m in new.index.difference(old.index)]
     problems += [f"{m}: in the file, not re-evaluated" for m in old.index.difference(new.index)]
+    exact = [c for c in new.columns if c not in (*TOLERANCE, "date")]
     for model in new.index.intersection(old.index):
         a, b = new.loc[model], old.loc[model]
-        bounds = {"test_error": DISAGREE, "test_loss": 10.0 ** -DECIMALS["test_loss"]}
-        for column, bound in bounds.items():
-            if abs(float(a[column]) - float(b[column])) > bound + 1e-9:
-                problems.append(f"{model}: {column} {a[column]}, the file's {b[column]}")
-        rest = [c for c in new.columns if c not in (*bounds, "date")]
+        problems += [f"{model}: {c} {a[c]}, the file's {b[c]}" for c, bound in TOLERANCE.items()
+                     if abs(float(a[c]) - float(b[c])) > bound + 1e-9]
         problems += [f"{model}: {c} {a.get(c)!r}, the file's {b.get(c)!r}"
-                     for c in rest if a.get(c) != b.get(c)]
+                     for c in exact if a.get(c) != b.get(c)]
     return problems
 
 
